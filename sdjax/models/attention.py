@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.layers import constrain, dense
+from sdjax.models.layers import constrain, dense, group_norm
 
 
 def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal=False, implementation=None):
@@ -53,16 +53,26 @@ class Attention(nn.Module):
     x `[B, T, D]`, context `[B, S, C]` -> `[B, T, D]`. With `probe` (int `[B, K]` key
     columns) the head-averaged probabilities `[B, T, K]` are sown into the 'attn_probs'
     collection under this module's path.
+
+    With `norm_groups` set (the VAE mid-block form) x is an image `[B, H, W, D]`: it is
+    group-normalised (`group_norm`), attended over its H*W positions, and added back.
     """
 
     heads: int
     head_dim: int
     qkv_bias: bool = False
+    norm_groups: int | None = None
+    norm_eps: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     implementation: str | None = None
 
     @nn.compact
     def __call__(self, x, context=None, probe=None):
+        if self.norm_groups is not None:
+            residual = x
+            b, h, w, c = x.shape
+            x = group_norm(self.norm_groups, self.norm_eps, name="group_norm")(x)
+            x = x.reshape(b, h * w, c)
         inner = self.heads * self.head_dim
         context = x if context is None else context
         q = dense(inner, ("embed", "heads"), name="to_q", use_bias=self.qkv_bias, dtype=self.dtype)(
@@ -78,7 +88,10 @@ class Attention(nn.Module):
             self.sow("attn_probs", "probs", attention_probs(q, k, self.heads, probe))
         out = multi_head_attention(q, k, v, self.heads, implementation=self.implementation)
         out = constrain(out, ("batch", "length", "heads"))
-        return dense(x.shape[-1], ("heads", "embed"), name="to_out_0", dtype=self.dtype)(out)
+        out = dense(x.shape[-1], ("heads", "embed"), name="to_out_0", dtype=self.dtype)(out)
+        if self.norm_groups is not None:
+            return residual + out.reshape(residual.shape)
+        return out
 
 
 class FeedForward(nn.Module):
