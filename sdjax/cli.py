@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from sdjax import __version__
+from sdjax.data.cli import register as register_data
 from sdjax.errors import UserError
 
 
@@ -36,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the main job on the embedded default model")
     demo.add_argument("--out", default="out/demo", help="output folder")
     demo.set_defaults(run=_demo)
+    register_data(sub)
     return parser
 
 

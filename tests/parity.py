@@ -38,3 +38,18 @@ def nchw(x):
 def nhwc(t) -> np.ndarray:
     """NCHW torch tensor -> NHWC numpy."""
     return t.detach().float().numpy().transpose(0, 2, 3, 1)
+
+
+def random_params(abstract, seed: int = 0, std: float = 0.15):
+    """Random float32 numpy values in the shapes of an abstract parameter tree.
+
+    Compiling a model's real initialiser costs tens of seconds on a 2-core CPU (one XLA
+    kernel per random op); tests that only need some weights use these instead.
+    """
+    import jax
+    from flax.linen import meta
+
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(
+        lambda x: (rng.standard_normal(x.shape) * std).astype(np.float32), meta.unbox(abstract)
+    )

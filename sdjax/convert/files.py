@@ -84,7 +84,7 @@ def read_weights(folder: str, name: str) -> dict[str, np.ndarray]:
 def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=None) -> None:
     """Write tensors (contiguous numpy) as one .safetensors file, atomically."""
     tmp = path + ".tmp"
-    arrays = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
+    arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     save_file(arrays, tmp, metadata={"format": "pt", **(metadata or {})})
     os.replace(tmp, path)
 

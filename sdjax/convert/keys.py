@@ -74,8 +74,8 @@ def flax_to_torch(params, table: KeyTable) -> dict[str, np.ndarray]:
     """A Flax parameter tree as a PyTorch-layout state dict of float32 numpy arrays."""
     flat = traverse_util.flatten_dict(_unbox(params))
     return {
-        table.torch_key(path): np.ascontiguousarray(
-            to_torch_layout(path[-1], np.asarray(x, np.float32))
+        table.torch_key(path): np.asarray(
+            to_torch_layout(path[-1], np.asarray(x, np.float32)), order="C"
         )
         for path, x in flat.items()
     }

@@ -73,6 +73,18 @@ def conv(
     )
 
 
+def embedding(num: int, features: int, axes: Axes, *, name: str) -> nn.Embed:
+    """A float32 lookup table `[num, features]` (PyTorch `nn.Embedding`, same layout)."""
+    return nn.Embed(
+        num,
+        features,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        embedding_init=partitioned(nn.initializers.normal(0.02), axes),
+        name=name,
+    )
+
+
 def group_norm(groups: int, eps: float, *, name: str) -> nn.GroupNorm:
     """GroupNorm over NHWC in float32 with PyTorch's exact (two-pass) variance."""
     return nn.GroupNorm(

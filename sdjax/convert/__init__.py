@@ -1,0 +1,1 @@
+"""Checkpoint import and export: diffusers / transformers / open_clip <-> sdjax params."""

@@ -1,0 +1,154 @@
+"""`sdjax data ...`: make record folders, look at them, check them.
+
+`register(subparsers)` adds the `data` command to the main parser; handlers import the heavy
+modules when they run, so `sdjax --help` stays fast. Bad input raises `UserError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+from sdjax.errors import UserError
+
+_CHUNK = 64  # scenes per task handed to a generator process
+
+
+def register(subparsers) -> None:
+    """Adds `data toy`, `data sheet` and `data info` to an argparse subparsers object."""
+    data = subparsers.add_parser("data", help="make, inspect and look at record folders")
+    sub = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
+
+    toy = sub.add_parser("toy", help="generate toy-world scenes into a record folder")
+    toy.add_argument("--n", type=int, required=True, help="number of scenes")
+    toy.add_argument("--out", required=True, help="output folder (must be empty)")
+    toy.add_argument("--seed", type=int, default=0, help="scene stream (default 0)")
+    toy.add_argument("--size", type=int, default=64, help="image side in pixels (default 64)")
+    toy.add_argument(
+        "--split",
+        choices=["train", "heldout"],
+        default="train",
+        help="attribute combinations to draw from (default train)",
+    )
+    toy.add_argument("--records-per-shard", type=int, default=1000, metavar="K")
+    toy.add_argument(
+        "--workers",
+        type=int,
+        default=min(8, os.cpu_count() or 1),
+        help="generator processes (default: one per CPU, at most 8)",
+    )
+    toy.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
+    toy.set_defaults(run=_toy)
+
+    sheet = sub.add_parser("sheet", help="draw a grid of a record folder's samples")
+    sheet.add_argument("dir", help="record folder")
+    sheet.add_argument("--out", help="PNG to write (default DIR/contact_sheet.png)")
+    sheet.add_argument("--n", type=int, default=64, help="number of samples")
+    sheet.set_defaults(run=_sheet)
+
+    info = sub.add_parser("info", help="summarise (and check) a record folder")
+    info.add_argument("dir", help="record folder")
+    info.add_argument("--verify", action="store_true", help="decode every record")
+    info.set_defaults(run=_info)
+
+
+def _positive(name: str, value: int) -> None:
+    if value < 1:
+        raise UserError(f"--{name} must be at least 1, got {value}")
+
+
+def _toy(args: argparse.Namespace) -> int:
+    import dataclasses
+    import functools
+    import time
+
+    from tqdm import tqdm
+
+    from sdjax import __version__
+    from sdjax.data import toy
+    from sdjax.data.shards import ShardWriter
+
+    for name in ("n", "size", "workers", "records_per_shard"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    if args.seed < 0:
+        raise UserError(f"--seed must be non-negative, got {args.seed}")
+    world = toy.ToyWorld(size=args.size)
+    provenance = {
+        "generator": "toy",
+        "sdjax_version": __version__,
+        "seed": args.seed,
+        "split": args.split,
+        "world": dataclasses.asdict(world),
+    }
+    chunks = [(s, min(s + _CHUNK, args.n)) for s in range(0, args.n, _CHUNK)]
+    encode = functools.partial(toy.encoded_scenes, world, args.seed, args.split)
+    start = time.perf_counter()
+    with (
+        ShardWriter(args.out, args.records_per_shard, provenance, args.overwrite) as writer,
+        _worker_pool(min(args.workers, len(chunks))) as pool,
+        tqdm(total=args.n, unit="scene", disable=None) as bar,
+    ):
+        for encoded in pool.imap(encode, chunks) if pool else map(encode, chunks):
+            for data in encoded:
+                writer.write_encoded(data)
+            bar.update(len(encoded))
+    seconds = time.perf_counter() - start
+    sheet = os.path.join(args.out, "contact_sheet.png")
+    _write_sheet(args.out, sheet, 64)
+    print(
+        f"wrote {args.n} {args.split} scenes (seed {args.seed}, {args.size} px) to {args.out}: "
+        f"{len(writer.shards)} shards, {_megabytes(writer.shards):.1f} MB in {seconds:.1f} s; "
+        f"contact sheet {sheet}"
+    )
+    return 0
+
+
+def _worker_pool(workers: int):
+    """A pool of `workers` spawned processes, or no pool (None) for one worker."""
+    import contextlib
+    import multiprocessing
+
+    if workers == 1:
+        return contextlib.nullcontext()
+    # Spawned, not forked: the parent may hold threads (tqdm's monitor, jax) fork would copy.
+    return multiprocessing.get_context("spawn").Pool(workers)
+
+
+def _megabytes(shards: list[dict]) -> float:
+    return sum(s["bytes"] for s in shards) / 1e6
+
+
+def _write_sheet(root: str, out: str, n: int) -> int:
+    from sdjax.data.contact_sheet import write_contact_sheet
+
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise UserError(f"folder of {out} does not exist")
+    if os.path.splitext(out)[1].lower() != ".png":
+        raise UserError(f"contact sheet {out} must be a .png file")
+    return write_contact_sheet(root, out, n)
+
+
+def _sheet(args: argparse.Namespace) -> int:
+    _positive("n", args.n)
+    out = args.out or os.path.join(args.dir, "contact_sheet.png")
+    shown = _write_sheet(args.dir, out, args.n)
+    print(f"wrote a contact sheet of {shown} records from {args.dir} to {out}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import json
+
+    from sdjax.data.shards import RecordSource
+
+    source = RecordSource(args.dir)  # checks the manifest against the shards
+    manifest = source.manifest
+    print(
+        f"{args.dir}: {manifest['count']} records, schema {manifest['schema_version']}, "
+        f"{len(manifest['shards'])} shards, {_megabytes(manifest['shards']):.1f} MB"
+    )
+    print(f"provenance: {json.dumps(manifest['provenance'], sort_keys=True)}")
+    if args.verify:
+        intact = sum(source[i] is not None for i in range(len(source)))
+        print(f"verified: {intact} intact, {source.corrupt_count} corrupt")
+    return 0

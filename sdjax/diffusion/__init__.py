@@ -1,0 +1,1 @@
+"""Diffusion math: noise schedules and the forward process (`schedules`), DDIM sampling (`ddim`)."""

@@ -1,0 +1,1 @@
+"""Flax models of sdjax: UNet, attention, encoders, VAE (NHWC, diffusers-named)."""
