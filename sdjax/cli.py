@@ -8,6 +8,7 @@ import sys
 from sdjax import __version__
 from sdjax.data.cli import register as register_data
 from sdjax.errors import UserError
+from sdjax.sample_cli import add_parser as add_sample_parser
 
 
 class _Parser(argparse.ArgumentParser):
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output folder")
     demo.set_defaults(run=_demo)
     register_data(sub)
+    add_sample_parser(sub)
     return parser
 
 

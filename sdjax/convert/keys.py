@@ -86,8 +86,23 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract, table: KeyTable, *,
 
     Returns a tree of float32 numpy arrays. `what` names the checkpoint in errors.
     """
+    return _fill(state, abstract, table.torch_key, to_flax_layout, _torch_shape, what)
+
+
+def flat_to_tree(state: Mapping[str, np.ndarray], abstract, *, what: str):
+    """`tree_to_flat`'s inverse, as strict as `torch_to_flax` ('a/b/kernel' keys)."""
+    return _fill(state, abstract, "/".join, lambda leaf, x: x, lambda leaf, s: s, what)
+
+
+def tree_to_flat(params) -> dict[str, np.ndarray]:
+    """A parameter tree as {'a/b/kernel': float32 array} in our own (Flax) layout."""
+    flat = traverse_util.flatten_dict(_unbox(params))
+    return {"/".join(path): np.asarray(x, np.float32) for path, x in flat.items()}
+
+
+def _fill(state, abstract, key_of, layout, file_shape, what: str):
     flat = traverse_util.flatten_dict(_unbox(abstract))
-    by_key = {table.torch_key(path): path for path in flat}
+    by_key = {key_of(path): path for path in flat}
     missing = sorted(set(by_key) - set(state))
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
@@ -101,12 +116,12 @@ def torch_to_flax(state: Mapping[str, np.ndarray], abstract, table: KeyTable, *,
         tensor = state[key]
         if not _is_float(tensor.dtype):
             raise CheckpointError(f"{what}: key {key!r} has dtype {tensor.dtype}, expected a float")
-        value = to_flax_layout(path[-1], np.asarray(tensor, np.float32))
+        value = layout(path[-1], np.asarray(tensor, np.float32))
         want = tuple(flat[path].shape)
         if value.shape != want:
             raise CheckpointError(
                 f"{what}: key {key!r} has shape {tuple(tensor.shape)}, "
-                f"expected {_torch_shape(path[-1], want)}"
+                f"expected {file_shape(path[-1], want)}"
             )
         out[path] = value
     return traverse_util.unflatten_dict(out)

@@ -1,0 +1,94 @@
+"""Subject inputs shared by sampling and training: reference images, boxes, location mask.
+
+- `reference_image`: the subject cut out by its mask onto white, cropped to the mask's
+  box, padded square, resized to the image encoder's size and normalised (SPEC 5/6):
+  uint8 `[H, W, 3]` + bool `[H, W]` -> float32 `[S, S, 3]`.
+- `auto_boxes`: boxes for subjects given without one: side by side, each with its
+  reference's aspect ratio, not overlapping.
+- `location_mask` (jnp, inside jit): the UNet's extra input channel (SPEC 3a): 1 outside
+  every subject box, 0 inside any: boxes `[B, N, 4]` in [0, 1] -> `[B, h, w, 1]`.
+Boxes are `(x1, y1, x2, y2)` fractions of the output image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from PIL import Image
+
+from sdjax.errors import UserError
+
+WHITE = 255
+
+
+def mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """Pixel bounding box (x1, y1, x2, y2), x2/y2 exclusive, of a non-empty bool mask."""
+    rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
+    return int(cols[0]), int(rows[0]), int(cols[-1]) + 1, int(rows[-1]) + 1
+
+
+def segment_square(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """The masked subject on white, cropped to its box and padded square (uint8)."""
+    if not mask.any():
+        raise UserError("subject mask is empty")
+    cut = np.where(mask[..., None], image, np.uint8(WHITE))
+    x1, y1, x2, y2 = mask_box(mask)
+    cut = cut[y1:y2, x1:x2]
+    h, w = cut.shape[:2]
+    side = max(h, w)
+    square = np.full((side, side, 3), WHITE, np.uint8)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top : top + h, left : left + w] = cut
+    return square
+
+
+def normalise(image: np.ndarray, size: int, mean, std) -> np.ndarray:
+    """uint8 `[H, W, 3]` -> bicubic `size` x `size`, `(x / 255 - mean) / std`, float32."""
+    if image.shape[:2] != (size, size):
+        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+    x = image.astype(np.float32) / 255.0
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def reference_image(image: np.ndarray, mask: np.ndarray, size: int, mean, std) -> np.ndarray:
+    """The image encoder's view of a subject: float32 `[size, size, 3]`."""
+    return normalise(segment_square(image, mask), size, mean, std)
+
+
+def check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
+    """A validated (x1, y1, x2, y2) box in [0, 1] with x1 < x2 and y1 < y2."""
+    if len(box) != 4:
+        raise UserError(f"a box needs 4 numbers x1,y1,x2,y2, got {len(box)}")
+    x1, y1, x2, y2 = (float(v) for v in box)
+    if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
+        raise UserError(f"box {list(box)} is outside [0, 1]")
+    if x2 <= x1 or y2 <= y1:
+        raise UserError(f"box {list(box)} needs x1 < x2 and y1 < y2")
+    return x1, y1, x2, y2
+
+
+def auto_boxes(aspects: Sequence[float], fill: float = 0.75) -> list[tuple[float, ...]]:
+    """Boxes for subjects with aspect ratios w/h `aspects`: one column each, left to right,
+    each box as large as fits `fill` of its column and of the image height, centred."""
+    n = len(aspects)
+    boxes = []
+    for i, aspect in enumerate(aspects):
+        cell_w, cell_h = fill / n, fill
+        w = min(cell_w, cell_h * aspect)
+        h = w / aspect
+        cx, cy = (i + 0.5) / n, 0.5
+        boxes.append((cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2))
+    return boxes
+
+
+def location_mask(boxes, valid, size: int):
+    """1 outside every valid box, 0 inside any: boxes `[B, N, 4]`, valid `[B, N]` ->
+    float32 `[B, size, size, 1]`. A latent pixel is inside when its centre is."""
+    centres = (jnp.arange(size, dtype=jnp.float32) + 0.5) / size
+    x1, y1, x2, y2 = (boxes[..., k][..., None, None] for k in range(4))  # [B, N, 1, 1]
+    inside_x = (centres[None, None, None, :] >= x1) & (centres[None, None, None, :] < x2)
+    inside_y = (centres[None, None, :, None] >= y1) & (centres[None, None, :, None] < y2)
+    inside = inside_x & inside_y & valid[..., None, None]  # [B, N, size, size]
+    return jnp.prod(1.0 - inside.astype(jnp.float32), axis=1)[..., None]

@@ -1,0 +1,154 @@
+"""Prompts with subject placeholders, tokenised for the fusion text encoder (SPEC 3c).
+
+A prompt for N subjects is `"{caption}, the {label_0} is sks, ..., the {label_N-1} is sks"`.
+`Tokenizer.prompt` returns fixed-length ids `[L]` plus, per subject slot `[N]`, the
+position of its placeholder token (whose embedding the subject's image replaces) and of
+its label's last token (two before the placeholder; both get the attention-map loss).
+A caption too long for L tokens is shortened; placeholders are never dropped.
+
+Ids come from CLIP's byte-level BPE (the vocabulary of every Stable Diffusion text
+encoder; a copy ships in `sdjax/assets/clip_tokenizer`). A small model may use a
+*vocabulary subset*: the CLIP ids it knows, renumbered 0..K-1, with one extra id K for
+every other token, so its embedding table has K+1 rows instead of 49,408.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
+
+import numpy as np
+
+from sdjax.errors import UserError
+
+PLACEHOLDER = "sks"
+BUILTIN_VOCAB = os.path.join(os.path.dirname(__file__), "assets", "clip_tokenizer")
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A tokenised prompt: ids int32 `[L]`; per subject slot `[N]`: placeholder and label
+    token positions (int32, 0 in empty slots) and whether the slot holds a subject."""
+
+    ids: np.ndarray
+    placeholder_positions: np.ndarray
+    label_positions: np.ndarray
+    valid: np.ndarray
+    truncated: bool
+
+
+def template(caption: str, labels: Sequence[str]) -> str:
+    """The Subject-Diffusion prompt: the caption, then ', the {label} is sks' per subject."""
+    return caption + "".join(f", the {label} is {PLACEHOLDER}" for label in labels)
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """CLIP BPE tokenizer with the placeholder template.
+
+    folder: a tokenizer folder (vocab.json + merges.txt, as in a diffusers pipeline's
+    `tokenizer/`), or None for the built-in CLIP vocabulary. vocab_subset: the CLIP ids a
+    small model knows (None: all). max_length: the text encoder's token count L.
+    """
+
+    folder: str | None = None
+    vocab_subset: tuple[int, ...] | None = None
+    max_length: int = 77
+
+    @cached_property
+    def _bpe(self):
+        from transformers import CLIPTokenizerFast
+
+        folder = self.folder or BUILTIN_VOCAB
+        files = [os.path.join(folder, f) for f in ("vocab.json", "merges.txt")]
+        for path in files:
+            if not os.path.isfile(path):
+                raise UserError(f"tokenizer file missing: {path}")
+        if self.folder and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
+            return CLIPTokenizerFast.from_pretrained(folder)
+        return CLIPTokenizerFast(vocab_file=files[0], merges_file=files[1])
+
+    @cached_property
+    def _compact(self) -> dict[int, int] | None:
+        if self.vocab_subset is None:
+            return None
+        return {clip_id: i for i, clip_id in enumerate(self.vocab_subset)}
+
+    @property
+    def vocab_size(self) -> int:
+        """Rows the text encoder's token embedding needs."""
+        if self.vocab_subset is None:
+            return len(self._bpe)
+        return len(self.vocab_subset) + 1  # + the id of every unknown token
+
+    @property
+    def unknown_id(self) -> int | None:
+        return None if self.vocab_subset is None else len(self.vocab_subset)
+
+    def clip_ids(self, text: str) -> list[int]:
+        """CLIP BPE ids of `text`, without begin/end tokens."""
+        return self._bpe(text, add_special_tokens=False).input_ids
+
+    def _map(self, ids: Sequence[int]) -> list[int]:
+        if self._compact is None:
+            return list(ids)
+        return [self._compact.get(i, self.unknown_id) for i in ids]
+
+    def unknown_words(self, text: str) -> list[str]:
+        """Words of `text` this tokenizer's vocabulary subset does not know."""
+        if self._compact is None:
+            return []
+        return [w for w in text.replace(",", " ").split() if self.unknown_id in self.ids(w)]
+
+    def ids(self, text: str) -> list[int]:
+        """Model ids of `text`, without begin/end tokens."""
+        return self._map(self.clip_ids(text))
+
+    def _frame(self, body: list[int]) -> np.ndarray:
+        """[BOS] body [EOS] [PAD]... as int32 `[max_length]`."""
+        bpe = self._bpe
+        bos, eos, pad = self._map([bpe.bos_token_id, bpe.eos_token_id, bpe.pad_token_id])
+        ids = [bos, *body, eos]
+        return np.asarray(ids + [pad] * (self.max_length - len(ids)), np.int32)
+
+    def plain(self, text: str) -> np.ndarray:
+        """A prompt with no subjects (truncated to fit): int32 `[max_length]`."""
+        return self._frame(self.ids(text)[: self.max_length - 2])
+
+    def prompt(self, caption: str, labels: Sequence[str], slots: int) -> PromptTokens:
+        """The placeholder prompt for `labels` (at most `slots` of them), shortened to fit."""
+        if len(labels) > slots:
+            raise UserError(f"{len(labels)} subjects but the model has {slots} subject slots")
+        # CLIP's BPE splits at spaces and punctuation first, so the caption and each
+        # subject's suffix tokenise independently and can be cut between them.
+        suffixes = [self.ids(template("", [label])) for label in labels]
+        budget = self.max_length - 2 - sum(len(s) for s in suffixes)
+        if budget < 0:
+            raise UserError(f"subject labels {list(labels)} do not fit in {self.max_length} tokens")
+        caption_ids = self.ids(caption)
+        body = caption_ids[:budget]
+        placeholders, label_positions = np.zeros(slots, np.int32), np.zeros(slots, np.int32)
+        for i, suffix in enumerate(suffixes):
+            body = body + suffix
+            placeholders[i] = len(body)  # 1 (BOS) + index of the last token = len(body)
+            label_positions[i] = len(body) - 2
+        return PromptTokens(
+            ids=self._frame(body),
+            placeholder_positions=placeholders,
+            label_positions=label_positions,
+            valid=np.arange(slots) < len(labels),
+            truncated=len(caption_ids) > budget,
+        )
+
+    @staticmethod
+    def for_vocabulary(words: Sequence[str], max_length: int) -> Tokenizer:
+        """A built-in-vocabulary tokenizer restricted to the ids needed by `words` (plus the
+        template's words, the placeholder and the special tokens)."""
+        full = Tokenizer(max_length=max_length)
+        bpe = full._bpe
+        needed = {bpe.bos_token_id, bpe.eos_token_id, bpe.pad_token_id}
+        for word in [*words, *template("", ["x"]).replace(",", " , ").split()]:
+            needed.update(full.clip_ids(word))
+        return Tokenizer(vocab_subset=tuple(sorted(needed)), max_length=max_length)
