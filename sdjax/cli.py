@@ -8,7 +8,9 @@ import sys
 from sdjax import __version__
 from sdjax.data.cli import register as register_data
 from sdjax.errors import UserError
+from sdjax.export_cli import add_parser as add_export_parser
 from sdjax.sample_cli import add_parser as add_sample_parser
+from sdjax.train.cli import add_parser as add_train_parser
 
 
 class _Parser(argparse.ArgumentParser):
@@ -40,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(run=_demo)
     register_data(sub)
     add_sample_parser(sub)
+    add_train_parser(sub)
+    add_export_parser(sub)
     return parser
 
 

@@ -118,6 +118,13 @@ def prepare_inputs(pipeline: Pipeline, prompt: str, subjects: Sequence[Subject])
     }
 
 
+def initial_noise(config: ModelConfig, rng, batch: int):
+    """x_T `[B, h, h, C]`: image b of a batch starts from normal noise of `fold_in(rng, b)`."""
+    keys = jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch))
+    shape = (config.latent_size, config.latent_size, config.latent_channels)
+    return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
+
+
 @partial(jax.jit, static_argnames=("config", "num_steps"))
 def generate(
     config: ModelConfig, num_steps: int, params, inputs, rng, text_scale, image_scale, subject_steps
@@ -155,9 +162,7 @@ def generate(
         )
         return three_branch_guidance(*split_branches(out), text_scale, image_scale)
 
-    batch, h = valid.shape[0], config.latent_size
-    noise_keys = jax.vmap(lambda b: jax.random.fold_in(rng, b))(jnp.arange(batch))
-    x_T = jax.vmap(lambda k: jax.random.normal(k, (h, h, config.latent_channels)))(noise_keys)
+    x_T = initial_noise(config, rng, valid.shape[0])
     x0 = sample_loop_indexed(guided, x_T, num_steps=num_steps, schedule=config.noise.schedule())
     images = to_images(config, params, x0)
     return jnp.round((images + 1.0) * 127.5).astype(jnp.uint8)

@@ -63,6 +63,25 @@ def tiny_config(**overrides) -> ModelConfig:
 
 
 def tiny_pipeline(seed: int = 0, **overrides) -> Pipeline:
-    config = tiny_config(**overrides)
+    return pipeline_for(tiny_config(**overrides), seed)
+
+
+def tiny_latent_config() -> ModelConfig:
+    """The tiny model in a VAE's latent space (16 px images, 8 px latents), like SD."""
+    from sdjax.models.vae import VAEConfig
+
+    base = tiny_config()
+    vae = VAEConfig(
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(8, 16),
+        norm_num_groups=4,
+        sample_size=16,
+    )
+    unet = dataclasses.replace(base.unet, in_channels=5, out_channels=4, sample_size=8)
+    return dataclasses.replace(base, unet=unet, vae=vae)
+
+
+def pipeline_for(config: ModelConfig, seed: int = 0) -> Pipeline:
     params = random_params(abstract_params(config), seed=seed, std=0.1)
     return Pipeline(config, params, make_tokenizer(config))
