@@ -1,0 +1,41 @@
+"""Multi-host start-up: `jax.distributed.initialize` when the environment describes a cluster.
+
+- TPU pod slices and SLURM jobs: jax detects the cluster itself.
+- Any other launcher (launch/local.sh, a GPU cluster without SLURM): set
+  `JAX_COORDINATOR_ADDRESS` (host:port of process 0), `JAX_NUM_PROCESSES` and
+  `JAX_PROCESS_ID`; optionally `JAX_LOCAL_DEVICE_IDS` (comma-separated).
+A single process needs none of this.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+
+
+def cluster_environment() -> str | None:
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        return "env"
+    if int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    if os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
+        return "tpu"
+    return None
+
+
+def initialize() -> None:
+    """Join the cluster described by the environment (no-op for a single process)."""
+    kind = cluster_environment()
+    if kind is None or jax.distributed.is_initialized():
+        return
+    if kind == "env":
+        local = os.environ.get("JAX_LOCAL_DEVICE_IDS")
+        jax.distributed.initialize(
+            coordinator_address=os.environ["JAX_COORDINATOR_ADDRESS"],
+            num_processes=int(os.environ["JAX_NUM_PROCESSES"]),
+            process_id=int(os.environ["JAX_PROCESS_ID"]),
+            local_device_ids=[int(i) for i in local.split(",")] if local else None,
+        )
+    else:
+        jax.distributed.initialize()
