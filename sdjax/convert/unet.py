@@ -22,6 +22,7 @@ from flax.linen import meta
 from sdjax import __version__
 from sdjax.convert.files import read_json, read_weights, write_json, write_safetensors
 from sdjax.convert.keys import KeyTable, flax_to_torch, torch_to_flax
+from sdjax.errors import UserError
 from sdjax.models.unet import init_unet
 from sdjax.models.unet_config import UNetConfig
 
@@ -87,18 +88,23 @@ def extend_unet(config: UNetConfig, params, *, in_channels: int, adapter: bool, 
     Returns (new config, new params); the new UNet's output equals the old one's when the
     extra input channels are zero, whatever the adapters' objs.
     """
-    if in_channels < config.in_channels:
-        raise ValueError(f"cannot shrink conv_in from {config.in_channels} to {in_channels}")
     new_config = dataclasses.replace(config, in_channels=in_channels, adapter=adapter)
     flat = traverse_util.flatten_dict(params)
     fresh = traverse_util.flatten_dict(jax.device_get(_unboxed_init(new_config, rng)))
     for path, value in fresh.items():
         if "fuser" in path and path not in flat:
             flat[path] = np.asarray(value)
-    kernel = np.asarray(flat[("conv_in", "kernel")])
-    pad = in_channels - kernel.shape[2]
-    flat[("conv_in", "kernel")] = np.pad(kernel, ((0, 0), (0, 0), (0, pad), (0, 0)))
+    flat[("conv_in", "kernel")] = pad_input_channels(flat[("conv_in", "kernel")], in_channels)
     return new_config, traverse_util.unflatten_dict(flat)
+
+
+def pad_input_channels(kernel, channels: int) -> np.ndarray:
+    """A conv kernel `[kh, kw, C_in, C_out]` with zero weights for new input channels."""
+    kernel = np.asarray(kernel)
+    extra = channels - kernel.shape[2]
+    if extra < 0:
+        raise UserError(f"cannot shrink a conv from {kernel.shape[2]} to {channels} inputs")
+    return np.pad(kernel, ((0, 0), (0, 0), (0, extra), (0, 0)))
 
 
 def _unboxed_init(config: UNetConfig, rng):
