@@ -55,15 +55,15 @@ def abstract_image_params(config: CLIPVisionConfig):
 
 def text_encoder_from_transformers(folder: str) -> tuple[CLIPTextConfig, dict]:
     """A transformers `CLIPTextModel` folder -> (config, float32 numpy params)."""
-    config = _read_config(folder, CLIPTextConfig)
-    state = _without_position_ids(read_weights(folder, WEIGHTS))
+    config = read_config(folder, CLIPTextConfig)
+    state = without_position_ids(read_weights(folder, WEIGHTS))
     return config, torch_to_flax(state, abstract_text_params(config), TEXT_KEYS, what=folder)
 
 
 def image_encoder_from_transformers(folder: str) -> tuple[CLIPVisionConfig, dict]:
     """A transformers `CLIPVisionModelWithProjection` folder -> (config, float32 params)."""
-    config = _read_config(folder, CLIPVisionConfig)
-    state = _without_position_ids(read_weights(folder, WEIGHTS))
+    config = read_config(folder, CLIPVisionConfig)
+    state = without_position_ids(read_weights(folder, WEIGHTS))
     return config, image_params_from_state(config, state, what=folder)
 
 
@@ -82,7 +82,8 @@ def image_encoder_to_transformers(config: CLIPVisionConfig, params, folder: str)
     _write(folder, config, params, VISION_KEYS, abstract_image_params(config))
 
 
-def _read_config(folder: str, cls):
+def read_config(folder: str, cls):
+    """`cls.from_transformers` of `folder/config.json`; a bad config names the file."""
     path = os.path.join(folder, CONFIG)
     config = read_json(path)
     try:
@@ -91,7 +92,8 @@ def _read_config(folder: str, cls):
         raise CheckpointError(f"{path}: {err}") from None
 
 
-def _without_position_ids(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+def without_position_ids(state: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """`state` without transformers' CLIP `position_ids` buffers (see `_POSITION_ID_BUFFERS`)."""
     return {k: v for k, v in state.items() if k not in _POSITION_ID_BUFFERS}
 
 

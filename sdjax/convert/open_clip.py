@@ -1,11 +1,13 @@
-"""open_clip's visual tower (a ViT, e.g. OpenCLIP ViT-H-14) -> our image encoder's params.
+"""open_clip's towers -> our encoders' params: the visual tower (a ViT, e.g. OpenCLIP
+ViT-H-14) -> `ImageEncoder`, the text tower of a whole CLIP model -> `TextEncoder`.
 
 The safetensors file holds a whole open_clip CLIP model (the visual tower under
-`visual.`, the text tower's keys are skipped by their known names) or the visual tower
-alone. An explicit table renames every key to transformers' `CLIPVisionModelWithProjection`
-name; the fused attention `in_proj` `[3D, D]` is split into q/k/v, and `proj` (`[D, out]`,
-applied as `x @ proj`) becomes `visual_projection.weight` (`[out, D]`). The shapes give the
-config; heads cannot be read from weights (see `default_heads`).
+`visual.`, the text tower at the top level; each reader skips the other tower's keys by
+their known names) or, for the image encoder, the visual tower alone. Explicit tables
+rename every key to transformers' `CLIPVisionModelWithProjection` / `CLIPTextModel` name;
+the fused attention `in_proj` `[3D, D]` is split into q/k/v, and the visual `proj`
+(`[D, out]`, applied as `x @ proj`) becomes `visual_projection.weight` (`[out, D]`). The
+shapes give the config; heads cannot be read from weights (see `default_heads`).
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import re
 
 import numpy as np
 
-from sdjax.convert.clip import image_params_from_state
+from sdjax.convert.clip import TEXT_KEYS, abstract_text_params, image_params_from_state
 from sdjax.convert.files import CheckpointError, read_safetensors
+from sdjax.convert.keys import torch_to_flax
 from sdjax.errors import UserError
-from sdjax.models.clip import CLIPVisionConfig
+from sdjax.models.clip import CLIPTextConfig, CLIPVisionConfig
+from sdjax.models.clip_text import LEGACY_EOS_TOKEN_ID
 
 _VISUAL = "visual."
 # A whole CLIP model's text tower (open_clip `CLIP`, or `CustomTextCLIP`'s `text.`).
@@ -37,7 +41,7 @@ _TOP = {
     "ln_post.weight": "vision_model.post_layernorm.weight",
     "ln_post.bias": "vision_model.post_layernorm.bias",
 }
-_BLOCK = {  # inside `transformer.resblocks.N.` -> inside `vision_model.encoder.layers.N.`
+_BLOCK = {  # inside `transformer.resblocks.N.` -> inside `{vision,text}_model.encoder.layers.N.`
     "ln_1.weight": "layer_norm1.weight",
     "ln_1.bias": "layer_norm1.bias",
     "attn.out_proj.weight": "self_attn.out_proj.weight",
@@ -52,6 +56,17 @@ _BLOCK = {  # inside `transformer.resblocks.N.` -> inside `vision_model.encoder.
 _FUSED = {"attn.in_proj_weight": "weight", "attn.in_proj_bias": "bias"}  # -> q/k/v_proj.<leaf>
 _PROJ = "proj"
 _BLOCK_INDEX = re.compile(r"transformer\.resblocks\.(\d+)\.")
+
+# The text tower of a whole CLIP model: open_clip key -> transformers `CLIPTextModel` key.
+_TEXT_TOP = {
+    "token_embedding.weight": "text_model.embeddings.token_embedding.weight",
+    "positional_embedding": "text_model.embeddings.position_embedding.weight",
+    "ln_final.weight": "text_model.final_layer_norm.weight",
+    "ln_final.bias": "text_model.final_layer_norm.bias",
+}
+# Top-level keys that are not the text encoder's: the CLIP model's head (its reader's job,
+# see `sdjax.eval.metric_models`) and the causal-mask buffer old open_clip files saved.
+_NOT_TEXT_ENCODER = frozenset({"text_projection", "logit_scale", "attn_mask"})
 
 # Widths of open_clip's published ViT configs whose head width is not 64 (ViT-H-14: 80,
 # ViT-g-14: 88, ViT-bigG-14: 104, ViT-e-14: 112); all of them have 16 heads.
@@ -73,10 +88,48 @@ def image_encoder_from_open_clip(
     """
     tower, prefix = _visual_tower(read_safetensors(path), path)
     layers = _num_layers(tower)
-    _check_keys(tower, layers, prefix, path)
+    _check_keys(tower, [*_TOP, *_block_keys(layers), _PROJ], prefix, path)
     config = _config(tower, layers, heads, act, prefix, path)
     state = _transformers_state(tower, layers, config.hidden_size, prefix, path)
     return config, image_params_from_state(config, state, what=path)
+
+
+def text_encoder_from_open_clip(
+    path: str, *, heads: int | None = None, act: str = "gelu"
+) -> tuple[CLIPTextConfig, dict]:
+    """A whole open_clip CLIP model's safetensors file -> (config, params of `TextEncoder`).
+
+    heads: attention heads (default width // 64, true of every published open_clip text
+    tower); act: as for `image_encoder_from_open_clip`. open_clip pools at the largest
+    token id (`text.argmax`, EOT in CLIP's vocabulary), which the config says with
+    transformers' legacy `eos_token_id`. Attention is causal, as open_clip's `attn_mask`.
+    """
+    state = read_safetensors(path)
+    tower = {
+        k: v for k, v in state.items() if not k.startswith(_VISUAL) and k not in _NOT_TEXT_ENCODER
+    }
+    layers = _num_layers(tower)
+    _check_keys(tower, [*_TEXT_TOP, *_block_keys(layers)], "", path)
+    for key in ("token_embedding.weight", "positional_embedding"):
+        if tower[key].ndim != 2:
+            raise CheckpointError(f"{path}: key {key!r} has shape {tower[key].shape}")
+    vocab, width = tower["token_embedding.weight"].shape
+    try:
+        config = CLIPTextConfig(
+            vocab_size=vocab,
+            hidden_size=width,
+            intermediate_size=tower["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
+            num_hidden_layers=layers,
+            num_attention_heads=heads or width // 64,
+            max_position_embeddings=tower["positional_embedding"].shape[0],
+            hidden_act=act,
+            eos_token_id=LEGACY_EOS_TOKEN_ID,
+        )
+    except UserError as err:
+        raise CheckpointError(f"{path}: {err}") from None
+    hf = {theirs: tower[ours] for ours, theirs in _TEXT_TOP.items()}
+    hf.update(_blocks_state(tower, layers, width, "text_model.", "", path))
+    return config, torch_to_flax(hf, abstract_text_params(config), TEXT_KEYS, what=path)
 
 
 def _visual_tower(state: dict, path: str) -> tuple[dict, str]:
@@ -97,14 +150,12 @@ def _num_layers(tower: dict) -> int:
     return max(found) + 1 if found else 1  # no block at all: block 0 is reported missing
 
 
-def _expected_keys(layers: int) -> list[str]:
+def _block_keys(layers: int) -> list[str]:
     per_block = [*_BLOCK, *_FUSED]
-    blocks = [f"transformer.resblocks.{i}.{k}" for i in range(layers) for k in per_block]
-    return [*_TOP, *blocks, _PROJ]
+    return [f"transformer.resblocks.{i}.{k}" for i in range(layers) for k in per_block]
 
 
-def _check_keys(tower: dict, layers: int, prefix: str, path: str) -> None:
-    expected = _expected_keys(layers)
+def _check_keys(tower: dict, expected: list[str], prefix: str, path: str) -> None:
     for problem, keys in (
         ("missing", [k for k in expected if k not in tower]),
         ("unexpected", sorted(set(tower) - set(expected))),
@@ -140,8 +191,16 @@ def _config(tower: dict, layers: int, heads: int | None, act: str, prefix: str, 
 
 def _transformers_state(tower: dict, layers: int, width: int, prefix: str, path: str) -> dict:
     state = {theirs: tower[ours] for ours, theirs in _TOP.items()}
+    state.update(_blocks_state(tower, layers, width, "vision_model.", prefix, path))
+    state["visual_projection.weight"] = np.asarray(tower[_PROJ]).T
+    return state
+
+
+def _blocks_state(tower: dict, layers: int, width: int, model: str, prefix: str, path: str):
+    """`transformer.resblocks.N.*` -> transformers' `{model}encoder.layers.N.*`, q/k/v split."""
+    state = {}
     for i in range(layers):
-        block, layer = f"transformer.resblocks.{i}.", f"vision_model.encoder.layers.{i}."
+        block, layer = f"transformer.resblocks.{i}.", f"{model}encoder.layers.{i}."
         state.update({layer + theirs: tower[block + ours] for ours, theirs in _BLOCK.items()})
         for fused, leaf in _FUSED.items():
             tensor = tower[block + fused]
@@ -152,5 +211,4 @@ def _transformers_state(tower: dict, layers: int, width: int, prefix: str, path:
                 )
             for name, part in zip("qkv", np.split(tensor, 3, axis=0)):
                 state[f"{layer}self_attn.{name}_proj.{leaf}"] = part
-    state["visual_projection.weight"] = np.asarray(tower[_PROJ]).T
     return state

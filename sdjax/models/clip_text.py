@@ -19,7 +19,7 @@ from sdjax.models.layers import constrain, embedding, layer_norm
 
 # transformers' configs from before its PR #24773 carry eos_token_id 2; for them it pools
 # at the largest token id, which is EOS in CLIP's vocabulary. Newer configs give the real id.
-_LEGACY_EOS_TOKEN_ID = 2
+LEGACY_EOS_TOKEN_ID = 2
 
 
 def inject_subjects(tokens, subject_embeds, subject_positions, subject_valid):
@@ -39,9 +39,9 @@ def inject_subjects(tokens, subject_embeds, subject_positions, subject_valid):
 def eos_positions(input_ids, eos_token_id: int):
     """Where transformers' `CLIPTextModel` pools: `[B, L]` ids -> `[B]` positions.
 
-    The first EOS token; for legacy configs (see `_LEGACY_EOS_TOKEN_ID`) the first largest id.
+    The first EOS token; for legacy configs (see `LEGACY_EOS_TOKEN_ID`) the first largest id.
     """
-    if eos_token_id == _LEGACY_EOS_TOKEN_ID:
+    if eos_token_id == LEGACY_EOS_TOKEN_ID:
         return jnp.argmax(input_ids, axis=-1)
     return jnp.argmax(input_ids == eos_token_id, axis=-1)
 

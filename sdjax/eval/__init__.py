@@ -1,0 +1,1 @@
+"""Evaluation: DreamBench's metric models (DINO ViT, CLIP) and similarity scores (SPEC 7)."""
