@@ -1,4 +1,4 @@
-"""`sdjax data ...`: make record folders, look at them, check them.
+"""`sdjax data ...`: make record folders (toy world, imports, curation), look at them, check them.
 
 `register(subparsers)` adds the `data` command to the main parser; handlers import the heavy
 modules when they run, so `sdjax --help` stays fast. Bad input raises `UserError`.
@@ -12,10 +12,11 @@ import os
 from sdjax.errors import UserError
 
 _CHUNK = 64  # scenes per task handed to a generator process
+_MODEL_ROLES = ("captioner", "detector", "segmenter")
 
 
 def register(subparsers) -> None:
-    """Adds `data toy`, `data sheet` and `data info` to an argparse subparsers object."""
+    """Adds `data toy|import|curate|sheet|info` to an argparse subparsers object."""
     data = subparsers.add_parser("data", help="make, inspect and look at record folders")
     sub = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
 
@@ -50,6 +51,139 @@ def register(subparsers) -> None:
     info.add_argument("dir", help="record folder")
     info.add_argument("--verify", action="store_true", help="decode every record")
     info.set_defaults(run=_info)
+    _register_import(sub, type(data))
+    _register_curate(sub)
+
+
+def _output_args(parser) -> None:
+    parser.add_argument("--out", required=True, help="output record folder (must be empty)")
+    parser.add_argument("--records-per-shard", type=int, default=1000, metavar="K")
+    parser.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
+    parser.add_argument(
+        "--no-filter", action="store_true", help="keep every subject (skip the authors' filters)"
+    )
+
+
+def _register_import(sub, parser_class) -> None:
+    imports = sub.add_parser("import", help="import existing data into a record folder")
+    kinds = imports.add_subparsers(dest="source", required=True, parser_class=parser_class)
+    tars = kinds.add_parser("webdataset", help="the authors' webdataset tars (jpg/txt/png/json)")
+    tars.add_argument("tars", nargs="+", help="tar files")
+    coco = kinds.add_parser("coco", help="COCO instance annotations (polygons or RLE)")
+    coco.add_argument("--instances", required=True, help="instances_*.json")
+    coco.add_argument("--images", required=True, help="folder of the images")
+    coco.add_argument("--captions", help="captions_*.json (default: category names)")
+    folder = kinds.add_parser("folder", help="images with sidecar JSON (caption, subjects)")
+    folder.add_argument("dir", help="folder searched recursively for sidecar .json files")
+    for parser in (tars, coco, folder):
+        _output_args(parser)
+    tars.set_defaults(run=_import_webdataset)
+    coco.set_defaults(run=_import_coco)
+    folder.set_defaults(run=_import_folder)
+
+
+def _register_curate(sub) -> None:
+    curate = sub.add_parser(
+        "curate",
+        help="caption, detect, segment and filter a folder of images",
+        description="The authors' curation (SPEC 5) with local BLIP-2, Grounding DINO and SAM "
+        "folders. An interrupted run resumes when the same command is run again.",
+    )
+    curate.add_argument("images", help="folder of images (searched recursively)")
+    for role, model in zip(_MODEL_ROLES, ("BLIP-2", "Grounding DINO", "SAM")):
+        curate.add_argument(
+            f"--{role}", required=True, metavar="PATH", help=f"{model} folder (save_pretrained)"
+        )
+    curate.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    curate.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk")
+    curate.add_argument("--batch-size", type=int, default=16, help="images per captioner call")
+    curate.add_argument(
+        "--min-short-side", type=int, default=600, help="skip smaller images (default 600)"
+    )
+    _output_args(curate)
+    curate.set_defaults(run=_curate)
+
+
+def _filters(args: argparse.Namespace, default):
+    _positive("records-per-shard", args.records_per_shard)
+    return None if args.no_filter else default
+
+
+def _report(report, out: str) -> int:
+    print(report.summary())
+    print(f"wrote {report.images_kept} records to {out}")
+    return 0
+
+
+def _import_webdataset(args: argparse.Namespace) -> int:
+    from sdjax.data.filters import AUTHORS_FILTERS
+    from sdjax.data.importers import import_webdataset
+
+    filters = _filters(args, AUTHORS_FILTERS)
+    report = import_webdataset(args.tars, args.out, filters, args.records_per_shard, args.overwrite)
+    return _report(report, args.out)
+
+
+def _import_coco(args: argparse.Namespace) -> int:
+    from sdjax.data.importers import coco
+
+    filters = _filters(args, coco.COCO_FILTERS)
+    report = coco.import_coco(
+        args.instances,
+        args.images,
+        args.out,
+        args.captions,
+        filters,
+        args.records_per_shard,
+        args.overwrite,
+    )
+    return _report(report, args.out)
+
+
+def _import_folder(args: argparse.Namespace) -> int:
+    from sdjax.data.filters import AUTHORS_FILTERS
+    from sdjax.data.importers import import_folder
+
+    filters = _filters(args, AUTHORS_FILTERS)
+    report = import_folder(args.dir, args.out, filters, args.records_per_shard, args.overwrite)
+    return _report(report, args.out)
+
+
+def _curate(args: argparse.Namespace) -> int:
+    from sdjax.data import curate
+    from sdjax.data.filters import AUTHORS_FILTERS
+
+    for role in _MODEL_ROLES:  # before the slow torch import
+        curate.check_model_folder(getattr(args, role), role)
+    images = curate.folder_images(args.images)
+    config = curate.CurationConfig(
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        min_short_side=args.min_short_side,
+        filters=_filters(args, AUTHORS_FILTERS),
+        records_per_shard=args.records_per_shard,
+    )
+    try:
+        from sdjax.data import curation_models as models
+    except ImportError as err:
+        raise UserError(f"curation needs PyTorch (the torch extra): {err}") from None
+
+    stages = curate.Stages(
+        captioner=models.Blip2Captioner(args.captioner, args.device),
+        detector=models.GroundingDinoDetector(args.detector, args.device),
+        segmenter=models.SamSegmenter(args.segmenter, args.device),
+    )
+    models_used = {role: os.path.abspath(getattr(args, role)) for role in _MODEL_ROLES}
+    report = curate.curate(
+        images,
+        stages,
+        args.out,
+        config,
+        provenance={"images": os.path.abspath(args.images), "models": models_used},
+        overwrite=args.overwrite,
+        total=len(images),
+    )
+    return _report(report, args.out)
 
 
 def _positive(name: str, value: int) -> None:
