@@ -11,7 +11,6 @@ import os
 
 from sdjax.errors import UserError
 
-_CHUNK = 64  # scenes per task handed to a generator process
 _MODEL_ROLES = ("captioner", "detector", "segmenter")
 
 
@@ -192,60 +191,30 @@ def _positive(name: str, value: int) -> None:
 
 
 def _toy(args: argparse.Namespace) -> int:
-    import dataclasses
-    import functools
-    import time
-
-    from tqdm import tqdm
-
-    from sdjax import __version__
-    from sdjax.data import toy
-    from sdjax.data.shards import ShardWriter
+    from sdjax.data.generate import write_toy_dataset
 
     for name in ("n", "size", "workers", "records_per_shard"):
         _positive(name.replace("_", "-"), getattr(args, name))
     if args.seed < 0:
         raise UserError(f"--seed must be non-negative, got {args.seed}")
-    world = toy.ToyWorld(size=args.size)
-    provenance = {
-        "generator": "toy",
-        "sdjax_version": __version__,
-        "seed": args.seed,
-        "split": args.split,
-        "world": dataclasses.asdict(world),
-    }
-    chunks = [(s, min(s + _CHUNK, args.n)) for s in range(0, args.n, _CHUNK)]
-    encode = functools.partial(toy.encoded_scenes, world, args.seed, args.split)
-    start = time.perf_counter()
-    with (
-        ShardWriter(args.out, args.records_per_shard, provenance, args.overwrite) as writer,
-        _worker_pool(min(args.workers, len(chunks))) as pool,
-        tqdm(total=args.n, unit="scene", disable=None) as bar,
-    ):
-        for encoded in pool.imap(encode, chunks) if pool else map(encode, chunks):
-            for data in encoded:
-                writer.write_encoded(data)
-            bar.update(len(encoded))
-    seconds = time.perf_counter() - start
+    written = write_toy_dataset(
+        args.out,
+        args.n,
+        seed=args.seed,
+        size=args.size,
+        split=args.split,
+        workers=args.workers,
+        records_per_shard=args.records_per_shard,
+        overwrite=args.overwrite,
+    )
     sheet = os.path.join(args.out, "contact_sheet.png")
     _write_sheet(args.out, sheet, 64)
     print(
         f"wrote {args.n} {args.split} scenes (seed {args.seed}, {args.size} px) to {args.out}: "
-        f"{len(writer.shards)} shards, {_megabytes(writer.shards):.1f} MB in {seconds:.1f} s; "
-        f"contact sheet {sheet}"
+        f"{len(written['shards'])} shards, {_megabytes(written['shards']):.1f} MB in "
+        f"{written['seconds']:.1f} s; contact sheet {sheet}"
     )
     return 0
-
-
-def _worker_pool(workers: int):
-    """A pool of `workers` spawned processes, or no pool (None) for one worker."""
-    import contextlib
-    import multiprocessing
-
-    if workers == 1:
-        return contextlib.nullcontext()
-    # Spawned, not forked: the parent may hold threads (tqdm's monitor, jax) fork would copy.
-    return multiprocessing.get_context("spawn").Pool(workers)
 
 
 def _megabytes(shards: list[dict]) -> float:
