@@ -33,9 +33,9 @@ def segment_square(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """The masked subject on white, cropped to its box and padded square (uint8)."""
     if not mask.any():
         raise UserError("subject mask is empty")
-    cut = np.where(mask[..., None], image, np.uint8(WHITE))
     x1, y1, x2, y2 = mask_box(mask)
-    cut = cut[y1:y2, x1:x2]
+    # Crop first: the cut-out then touches only the subject's box, not the whole photo.
+    cut = np.where(mask[y1:y2, x1:x2, None], image[y1:y2, x1:x2], np.uint8(WHITE))
     h, w = cut.shape[:2]
     side = max(h, w)
     square = np.full((side, side, 3), WHITE, np.uint8)

@@ -130,12 +130,14 @@ class ToyWorld:
         return [t for t in every if (t in self.heldout_combos) == (split == "heldout")]
 
 
-def caption(subjects: list[dict[str, str]], background: str) -> str:
-    """'a red striped star, a blue dotted ring and ... on a gray background'."""
+def caption(subjects: list[dict[str, str]], background: str, describe: bool = True) -> str:
+    """'a red striped star, a blue dotted ring and ... on a gray background'; with
+    `describe=False` the shapes alone: 'a star, a ring and ... on a gray background'."""
     phrases = []
     for a in subjects:
-        article = "an" if a["colour"][0] in "aeiou" else "a"
-        phrases.append(f"{article} {a['colour']} {a['pattern']} {a['shape']}")
+        words = [a["colour"], a["pattern"], a["shape"]] if describe else [a["shape"]]
+        article = "an" if words[0][0] in "aeiou" else "a"
+        phrases.append(" ".join([article, *words]))
     listed = phrases[-1] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
     return f"{listed} on a {background} background"
 
