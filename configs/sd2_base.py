@@ -43,6 +43,7 @@ def get_config():
         batch_size=256,
         lr=3e-5,
         warmup_steps=1000,
+        schedule_steps=0,  # length of the decay; 0: num_steps
         decay="constant",
         clip_norm=0.0,  # the authors do not clip
         ema=False,

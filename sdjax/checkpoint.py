@@ -39,7 +39,8 @@ def save(mngr: ocp.CheckpointManager, state, data_state: dict, meta: dict) -> No
     }
     if state.ema is not None:
         items["ema"] = state.ema
-    args = {k: ocp.args.StandardSave(v) for k, v in items.items()}
+    # orbax refuses empty trees (e.g. no frozen parameters): such items are not written.
+    args = {k: ocp.args.StandardSave(v) for k, v in items.items() if jax.tree.leaves(v)}
     args["data"] = ocp.args.JsonSave(data_state)
     args["meta"] = ocp.args.JsonSave(meta)
     mngr.save(step, args=ocp.args.Composite(**args))
@@ -56,7 +57,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
     }
     if abstract_state.ema is not None:
         items["ema"] = abstract_state.ema
-    args = {k: ocp.args.StandardRestore(v) for k, v in items.items()}
+    args = {k: ocp.args.StandardRestore(v) for k, v in items.items() if jax.tree.leaves(v)}
     args["data"] = ocp.args.JsonRestore()
     args["meta"] = ocp.args.JsonRestore()
     got = mngr.restore(step, args=ocp.args.Composite(**args))
@@ -64,7 +65,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
         step=got["progress"]["step"],
         rng=got["progress"]["rng"],
         trainable=got["trainable"],
-        frozen=got["frozen"],
+        frozen=got.get("frozen", {}),
         opt_state=got["opt_state"],
         ema=got.get("ema") if abstract_state.ema is not None else None,
     )
@@ -88,26 +89,48 @@ def is_training_checkpoint(path: str) -> bool:
     return _step_folder(path) is not None
 
 
-def pipeline_from_training(path: str, use_ema: bool | None = None):
-    """A sampling `Pipeline` from a training workdir (latest step) or a step folder.
+def _reader(root: str) -> ocp.CheckpointManager:
+    """A manager that knows every item's handler (so nothing is restored by guesswork)."""
+    handlers = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
+    handlers.update(data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())
+    return ocp.CheckpointManager(
+        root, options=ocp.CheckpointManagerOptions(create=False), item_handlers=handlers
+    )
 
-    Uses the EMA parameters when the run kept them (unless use_ema is False).
-    """
-    from sdjax.model import ModelConfig
-    from sdjax.pipeline import Pipeline, make_tokenizer
-    from sdjax.train.state import unflatten
 
+def restore_params(path: str, use_ema: bool | None = None) -> tuple[dict, dict]:
+    """(meta, flat numpy parameters {'part/path': array}) of a training workdir (latest
+    step) or one step's folder: frozen + trained, the EMA when the run kept one (unless
+    use_ema is False). Restored onto this host, whatever mesh saved them."""
     found = _step_folder(path)
     if found is None:
         raise UserError(f"no training checkpoint in {path}")
     root, step = found
-    mngr = ocp.CheckpointManager(root, options=ocp.CheckpointManagerOptions(read_only=True))
-    present = set(os.listdir(os.path.join(root, str(step))))
-    meta = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
-    trained = "ema" if ("ema" in present and use_ema is not False) else "trainable"
-    args = {k: ocp.args.StandardRestore() for k in (trained, "frozen")}
+    mngr = _reader(root)
+    metadata = mngr.item_metadata(step)
+    trained = "ema" if (metadata.get("ema") is not None and use_ema is not False) else "trainable"
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    args = {"meta": ocp.args.JsonRestore()}
+    for name in (trained, "frozen"):
+        if metadata.get(name) is None:  # not written: empty
+            continue
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=here), metadata[name]
+        )
+        args[name] = ocp.args.StandardRestore(target)
     got = mngr.restore(step, args=ocp.args.Composite(**args))
-    flat = {**got["frozen"], **got[trained]}
-    params = unflatten({k: np.asarray(v) for k, v in flat.items()})
+    flat = {k: np.asarray(v) for k, v in {**got.get("frozen", {}), **got[trained]}.items()}
+    return got["meta"], flat
+
+
+def pipeline_from_training(path: str, use_ema: bool | None = None):
+    """A sampling `Pipeline` from a Subject-Diffusion training checkpoint."""
+    from sdjax.model import ModelConfig
+    from sdjax.pipeline import Pipeline, make_tokenizer
+    from sdjax.train.state import unflatten
+
+    meta, flat = restore_params(path, use_ema)
+    if meta.get("task", "subject_diffusion") != "subject_diffusion":
+        raise UserError(f"{path} is a {meta['task']!r} run, not a Subject-Diffusion model")
     config = ModelConfig.from_dict(meta["model"])
-    return Pipeline(config, jax.device_put(params), make_tokenizer(config))
+    return Pipeline(config, jax.device_put(unflatten(flat)), make_tokenizer(config))

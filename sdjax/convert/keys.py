@@ -15,11 +15,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import flax.linen as nn
 import numpy as np
 from flax import traverse_util
 
 from sdjax.convert.files import CheckpointError
+from sdjax.models.layers import unbox
 
 _LEAF_TO_TORCH = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
 _FLOAT_KINDS = "f"  # numpy kind of float16/32/64; bfloat16 is checked by name
@@ -72,7 +72,7 @@ def to_flax_layout(leaf: str, x: np.ndarray) -> np.ndarray:
 
 def flax_to_torch(params, table: KeyTable) -> dict[str, np.ndarray]:
     """A Flax parameter tree as a PyTorch-layout state dict of float32 numpy arrays."""
-    flat = traverse_util.flatten_dict(_unbox(params))
+    flat = traverse_util.flatten_dict(unbox(params))
     return {
         table.torch_key(path): np.asarray(
             to_torch_layout(path[-1], np.asarray(x, np.float32)), order="C"
@@ -96,12 +96,12 @@ def flat_to_tree(state: Mapping[str, np.ndarray], abstract, *, what: str):
 
 def tree_to_flat(params) -> dict[str, np.ndarray]:
     """A parameter tree as {'a/b/kernel': float32 array} in our own (Flax) layout."""
-    flat = traverse_util.flatten_dict(_unbox(params))
+    flat = traverse_util.flatten_dict(unbox(params))
     return {"/".join(path): np.asarray(x, np.float32) for path, x in flat.items()}
 
 
 def _fill(state, abstract, key_of, layout, file_shape, what: str):
-    flat = traverse_util.flatten_dict(_unbox(abstract))
+    flat = traverse_util.flatten_dict(unbox(abstract))
     by_key = {key_of(path): path for path in flat}
     missing = sorted(set(by_key) - set(state))
     if missing:
@@ -137,8 +137,3 @@ def _torch_shape(leaf: str, shape: tuple[int, ...]) -> tuple[int, ...]:
     if leaf == "kernel" and len(shape) == 2:
         return (shape[1], shape[0])
     return shape
-
-
-def _unbox(tree):
-    """Strip flax partitioning metadata (logical axis names) from a tree."""
-    return nn.meta.unbox(tree)

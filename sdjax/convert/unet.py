@@ -17,12 +17,12 @@ import os
 import jax
 import numpy as np
 from flax import traverse_util
-from flax.linen import meta
 
 from sdjax import __version__
 from sdjax.convert.files import read_json, read_weights, write_json, write_safetensors
 from sdjax.convert.keys import KeyTable, flax_to_torch, torch_to_flax
 from sdjax.errors import UserError
+from sdjax.models.layers import unbox
 from sdjax.models.unet import init_unet
 from sdjax.models.unet_config import UNetConfig
 
@@ -108,7 +108,7 @@ def pad_input_channels(kernel, channels: int) -> np.ndarray:
 
 
 def _unboxed_init(config: UNetConfig, rng):
-    return meta.unbox(jax.jit(init_unet, static_argnums=0)(config, rng))
+    return unbox(jax.jit(init_unet, static_argnums=0)(config, rng))
 
 
 def _zero_position_net(config: UNetConfig) -> dict[str, np.ndarray]:

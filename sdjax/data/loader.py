@@ -167,7 +167,32 @@ def make_loader(
     worker_count: int | None = None,
     num_epochs: int | None = None,
 ) -> Loader:
-    """Batches of `batch_size` examples for this process (module docstring).
+    """Subject-Diffusion batches of `batch_size` examples for this process (module doc)."""
+    transform = ExampleTransform(data_config, Geometry.of(model_config), tokenizer)
+    return make_record_loader(
+        data_config,
+        transform,
+        batch_size=batch_size,
+        seed=seed,
+        process_index=process_index,
+        process_count=process_count,
+        worker_count=worker_count,
+        num_epochs=num_epochs,
+    )
+
+
+def make_record_loader(
+    data_config: LoaderConfig,
+    transform: grain.transforms.RandomMap,
+    *,
+    batch_size: int,
+    seed: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    worker_count: int | None = None,
+    num_epochs: int | None = None,
+) -> Loader:
+    """Batches of `transform(record, rng)` examples (the graph of the module docstring).
 
     process_index / process_count default to jax's; worker_count to the config's;
     num_epochs None repeats forever. Batches never straddle a short final one: the
@@ -183,7 +208,6 @@ def make_loader(
         raise UserError(f"batch size must be at least 1, got {batch_size}")
     workers = data_config.worker_count if worker_count is None else worker_count
     source = RecordSource(data_config.path)
-    transform = ExampleTransform(data_config, Geometry.of(model_config), tokenizer)
 
     dataset = grain.MapDataset.source(source).seed(seed)
     if data_config.shuffle:

@@ -237,3 +237,35 @@ class ExampleTransform(grain.transforms.RandomMap):
             "boxes": np.zeros((n, 4), np.float32),
             "masks": np.zeros((n, geo.mask_size, geo.mask_size), np.float32),
         }
+
+
+def describe_subject(subject: Subject) -> str:
+    """A subject's appearance in words: 'a red striped star' for toy subjects (their
+    attributes), else 'a {label}'."""
+    a = subject.attributes
+    if {"colour", "pattern", "shape"} <= set(a):
+        return f"a {a['colour']} {a['pattern']} {a['shape']}"
+    return f"a {subject.label}"
+
+
+@dataclass(frozen=True)
+class ContrastiveTransform(grain.transforms.RandomMap):
+    """Record -> one random subject as an (image, text) pair for CLIP-style pre-training:
+    {"image": float32 `[S, S, 3]` (its augmented reference view), "ids": int32 `[L]`}."""
+
+    config: LoaderConfig
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    tokenizer: Tokenizer
+
+    def random_map(self, record: Record, rng: np.random.Generator) -> dict[str, np.ndarray] | None:
+        subjects = _ranked_subjects(record, len(record.subjects))
+        if not subjects:
+            return None
+        subject, mask = subjects[rng.integers(len(subjects))]
+        square = augment_reference(segment_square(image_array(record), mask), rng, self.config)
+        return {
+            "image": normalise(square, self.size, self.mean, self.std),
+            "ids": self.tokenizer.plain(describe_subject(subject)),
+        }

@@ -31,7 +31,7 @@ class GatedSelfAttention(nn.Module):
         gate_init = partitioned(nn.initializers.zeros_init(), ())
         alpha_attn = self.param("alpha_attn", gate_init, ())
         alpha_dense = self.param("alpha_dense", gate_init, ())
-        o = dense(width, ("embed", "embed"), name="linear", dtype=self.dtype)(objs)
+        o = dense(width, ("embed", "embed_out"), name="linear", dtype=self.dtype)(objs)
         tokens = layer_norm(1e-5, name="norm1")(jnp.concatenate([x, o.astype(x.dtype)], axis=1))
         attended = Attention(
             self.heads,

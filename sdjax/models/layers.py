@@ -4,7 +4,9 @@ Parameters are float32 (master weights); `dtype` is the compute dtype of matmuls
 convolutions. Norms always compute in float32.
 
 Logical axis names (a config's sharding rules map them onto mesh axes):
-  parameters   'embed' (a transformer's width), 'mlp' (feed-forward hidden width),
+  parameters   'embed' (a transformer's width; 'embed_out' on the output side of a square
+               width -> width map, since one array cannot name an axis twice), 'mlp'
+               (feed-forward hidden width),
                'heads' (attention projection width, heads * head_dim), 'conv_in' /
                'conv_out' (convolution channels), 'vocab' (embedding rows), 'norm'.
   activations  'batch', 'length', 'height', 'width', 'embed' / 'channels'.
@@ -15,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 Axes = tuple[str | None, ...]
@@ -22,6 +25,16 @@ Axes = tuple[str | None, ...]
 
 def partitioned(init, axes: Axes):
     return nn.with_logical_partitioning(init, axes)
+
+
+def unbox(tree):
+    """Parameters without their logical-axis boxes. Unlike `flax.linen.meta.unbox` this
+    adds no sharding constraint, so it also works on abstract trees inside a mesh."""
+    return jax.tree.map(
+        lambda x: x.value if isinstance(x, nn.meta.AxisMetadata) else x,
+        tree,
+        is_leaf=lambda x: isinstance(x, nn.meta.AxisMetadata),
+    )
 
 
 def dense(

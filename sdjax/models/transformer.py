@@ -61,7 +61,7 @@ class Transformer2D(nn.Module):
         residual = x
         x = group_norm(self.groups, 1e-6, name="norm")(x)
         if self.linear_projection:
-            x = dense(c, ("embed", "embed"), name="proj_in", dtype=self.dtype)(
+            x = dense(c, ("embed", "embed_out"), name="proj_in", dtype=self.dtype)(
                 x.reshape(b, h * w, c)
             )
         else:
@@ -77,7 +77,7 @@ class Transformer2D(nn.Module):
                 name=f"transformer_blocks_{i}",
             )(x, context, objs, probe)
         if self.linear_projection:
-            x = dense(c, ("embed", "embed"), name="proj_out", dtype=self.dtype)(x).reshape(
+            x = dense(c, ("embed", "embed_out"), name="proj_out", dtype=self.dtype)(x).reshape(
                 b, h, w, c
             )
         else:

@@ -39,3 +39,20 @@ def initialize() -> None:
         )
     else:
         jax.distributed.initialize()
+
+
+def gather_json(obj) -> list:
+    """Every process's JSON-serialisable `obj`, in process order (on every process)."""
+    if jax.process_count() == 1:
+        return [obj]
+    import json
+
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(json.dumps(obj).encode(), np.uint8)
+    lengths = np.asarray(multihost_utils.process_allgather(np.array([data.size]))).ravel()
+    padded = np.zeros(int(lengths.max()), np.uint8)
+    padded[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(padded))
+    return [json.loads(bytes(row[:n]).decode()) for row, n in zip(rows, lengths)]

@@ -20,7 +20,7 @@ BATCH_AXES = ("data", "fsdp")
 
 
 def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
-    """Sizes of (data, fsdp, tensor) with a -1 entry resolved to the remaining devices."""
+    """Sizes of (data, fsdp, tensor); a -1 entry takes the devices the others leave."""
     shape = [int(sizes.get(axis, 1)) for axis in AXES]
     free = [i for i, s in enumerate(shape) if s == -1]
     if len(free) > 1:
@@ -32,7 +32,7 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
                 f"mesh: {num_devices} devices do not split into {dict(zip(AXES, shape))}"
             )
         shape[free[0]] = num_devices // known
-    if int(np.prod(shape)) != num_devices:
+    if int(np.prod(shape)) > num_devices:
         raise UserError(
             f"mesh {dict(zip(AXES, shape))} needs {int(np.prod(shape))} devices, have {num_devices}"
         )
@@ -40,9 +40,10 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
+    """A mesh over the first prod(shape) devices (all of them when an axis is -1)."""
     devices = jax.devices() if devices is None else devices
     shape = mesh_shape(sizes, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), AXES)
+    return Mesh(np.asarray(devices[: int(np.prod(shape))]).reshape(shape), AXES)
 
 
 def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from sdjax.models.layers import unbox
 from sdjax.parallel.mesh import BATCH_AXES
 
 Rules = Sequence[tuple[str, str | Sequence[str] | None]]
@@ -35,7 +36,7 @@ def tree_shardings(abstract, mesh: Mesh, rules: Rules):
     """
     specs = nn.get_partition_spec(abstract)
     specs = nn.logical_to_mesh(specs, as_rules(rules))
-    shapes = nn.meta.unbox(abstract)
+    shapes = unbox(abstract)
 
     def fit(spec, shape):
         if not isinstance(spec, PartitionSpec):

@@ -43,23 +43,31 @@ def toy_vocabulary() -> list[str]:
     return sorted(words)
 
 
+def text_with_vocabulary(text: dict, vocab: str | None) -> tuple[dict, Tokenizer]:
+    """A text-tower config dict and its tokenizer; vocab "toy" restricts the vocabulary to
+    the toy world's words (a small embedding table), None keeps CLIP's."""
+    if vocab is None:
+        return text, Tokenizer(max_length=text["max_position_embeddings"])
+    if vocab != "toy":
+        raise UserError(f"model.vocab must be 'toy' or unset, got {vocab!r}")
+    tokenizer = Tokenizer.for_vocabulary(toy_vocabulary(), text["max_position_embeddings"])
+    subset = tokenizer.vocab_subset
+    text = {
+        **text,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_token_id": subset.index(49406),
+        "eos_token_id": subset.index(49407),
+        "pad_token_id": subset.index(49407),
+    }
+    return text, tokenizer
+
+
 def model_from_scratch(config) -> tuple[ModelConfig, Tokenizer]:
     m = config.model.to_dict()
-    text = dict(m.pop("text"))
-    tokenizer = None
-    if m.pop("vocab", None) == "toy":
-        tokenizer = Tokenizer.for_vocabulary(toy_vocabulary(), text["max_position_embeddings"])
-        subset = tokenizer.vocab_subset
-        text.update(
-            vocab_size=tokenizer.vocab_size,
-            bos_token_id=subset.index(49406),
-            eos_token_id=subset.index(49407),
-            pad_token_id=subset.index(49407),
-        )
-        m["vocab_subset"] = list(subset)
-    model = ModelConfig.from_dict({**m, "text": text})
-    tokenizer = tokenizer or Tokenizer(max_length=model.text.max_position_embeddings)
-    return model, tokenizer
+    text, tokenizer = text_with_vocabulary(dict(m.pop("text")), m.pop("vocab", None))
+    if tokenizer.vocab_subset is not None:
+        m["vocab_subset"] = list(tokenizer.vocab_subset)
+    return ModelConfig.from_dict({**m, "text": text}), tokenizer
 
 
 def model_from_pretrained(config) -> tuple[ModelConfig, Tokenizer, dict]:
@@ -107,8 +115,10 @@ def _noise_fields(path: str) -> dict:
 
 
 def load_image_encoder(source: str | None) -> tuple[CLIPVisionConfig, dict]:
-    """An image encoder from an open_clip .safetensors file, a transformers folder, or the
-    `image_encoder` part of an sdjax pipeline folder / training workdir."""
+    """An image encoder from an open_clip .safetensors file, a transformers folder, a
+    training run (a CLIP run's image tower, or a Subject-Diffusion run's image encoder) or
+    an sdjax pipeline folder."""
+    from sdjax.checkpoint import is_training_checkpoint, restore_params
     from sdjax.convert.clip import image_encoder_from_transformers
     from sdjax.convert.open_clip import image_encoder_from_open_clip
 
@@ -116,7 +126,13 @@ def load_image_encoder(source: str | None) -> tuple[CLIPVisionConfig, dict]:
         raise UserError("init.image_encoder is required with init.pretrained")
     if os.path.isfile(source):
         return image_encoder_from_open_clip(source)
-    if os.path.isfile(os.path.join(source, "config.json")):
+    if is_training_checkpoint(source):  # before config.json: a workdir holds one too
+        meta, flat = restore_params(source)
+        if meta.get("task") == "clip":
+            from sdjax.train.clip_task import image_encoder_from_clip_run
+
+            return image_encoder_from_clip_run(meta, flat)
+    elif os.path.isfile(os.path.join(source, "config.json")):
         return image_encoder_from_transformers(source)
     from sdjax.pipeline import load_pipeline
 

@@ -94,7 +94,7 @@ def _loop(config, workdir: str, mesh, run: Run) -> dict:
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     if latest is not None:
         state, data_state, _ = checkpoint.restore(mngr, latest, run.abstract_state)
-        run.loader.set_state(data_state)
+        run.loader.set_state(data_state["processes"][jax.process_index()])
         truncate_metrics(metrics_path, latest)
         print(f"resumed from step {latest} in {workdir}")
     else:
@@ -104,7 +104,7 @@ def _loop(config, workdir: str, mesh, run: Run) -> dict:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config_to_json(config))
     step_fn = run.compile(batch_sharding(mesh), replicated(mesh))
-    meta_info = {"config": json.loads(config_to_json(config)), "model": run.model.to_dict()}
+    meta_info = {"config": json.loads(config_to_json(config)), **run.meta}
 
     stop = {"signal": None}
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.update(signal=signum))
@@ -138,7 +138,8 @@ def _loop(config, workdir: str, mesh, run: Run) -> dict:
             bar.update(1)
             last = step == train_cfg.num_steps
             if step % train_cfg.checkpoint_every == 0 or last or stop["signal"]:
-                checkpoint.save(mngr, state, run.loader.get_state(), meta_info)
+                loaders = distributed.gather_json(run.loader.get_state())
+                checkpoint.save(mngr, state, {"processes": loaders}, meta_info)
             if run.preview is not None and step % train_cfg.get("preview_every", 0) == 0:
                 run.preview(state, step)
             if stop["signal"]:

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.linen import meta
 from jax.sharding import NamedSharding, PartitionSpec
 
 from sdjax.errors import UserError
 from sdjax.model import ModelConfig, abstract_params, init_params
+from sdjax.models.layers import unbox
 from sdjax.parallel.sharding import tree_shardings
 from sdjax.tokenizer import Tokenizer
 from sdjax.train.init import (
@@ -35,13 +35,51 @@ from sdjax.train.step import LossConfig, compile_step, make_train_step
 
 @dataclass
 class Run:
-    model: ModelConfig
-    tokenizer: Tokenizer
+    meta: dict  # what a checkpoint records about the model (task, configs)
     loader: object  # iterator of batches with get_state() / set_state()
     abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings
     initial_state: Callable[[], TrainState]
     compile: Callable  # (batch_sharding, replicated) -> compiled step
-    preview: Callable | None  # (state, step) -> None
+    preview: Callable | None = None  # (state, step) -> None
+
+
+def build_run(
+    config, mesh, rules, *, meta, loader, boxed, init_flat, pretrained_flat, step_fn, batch
+) -> Run:
+    """The task-independent part of a run.
+
+    boxed: flat abstract parameters with logical axes; init_flat(key) -> flat parameters;
+    pretrained_flat(fresh) -> {name: numpy} to copy over the fresh ones; step_fn(state,
+    batch); batch: the global batch's ShapeDtypeStructs.
+    """
+    tx = optimizer(config.train)
+    patterns = tuple(config.train.trainable)
+    ema = bool(config.train.get("ema", False))
+    param_sh = tree_shardings(boxed, mesh, rules)
+    init_key, state_key = jax.random.split(jax.random.key(config.train.seed))
+    abstract = jax.eval_shape(lambda p: create_state(p, patterns, tx, ema, state_key), unbox(boxed))
+    if not abstract.trainable:
+        raise UserError(f"train.trainable {patterns} matches no parameter")
+    shardings = state_shardings(abstract, param_sh, mesh)
+    placed = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+    def initial_state() -> TrainState:
+        params = jax.jit(init_flat, out_shardings=param_sh)(init_key)
+        for name, value in pretrained_flat(params).items():
+            params[name] = jax.device_put(value, param_sh[name])
+        create = jax.jit(
+            lambda p: create_state(p, patterns, tx, ema, state_key),
+            out_shardings=shardings,
+            donate_argnums=0,
+        )
+        return create(params)
+
+    def compile_for(batch_sharding, replicated):
+        return compile_step(step_fn(tx), placed, batch, shardings, batch_sharding, replicated)
+
+    return Run(meta, loader, placed, initial_state, compile_for)
 
 
 def build_model(config) -> tuple[ModelConfig, Tokenizer, dict]:
@@ -121,6 +159,14 @@ def state_shardings(abstract: TrainState, params: dict, mesh) -> TrainState:
 
 
 def setup_run(config, workdir: str, mesh, rules, local_batch: int) -> Run:
+    """The run of `config.task`: "subject_diffusion" (default) or "clip"."""
+    task = config.get("task", "subject_diffusion")
+    if task == "clip":
+        from sdjax.train.clip_task import setup_clip_run
+
+        return setup_clip_run(config, workdir, mesh, rules, local_batch)
+    if task != "subject_diffusion":
+        raise UserError(f"unknown task {task!r} (subject_diffusion or clip)")
     from sdjax.data.loader import LoaderConfig, make_loader
 
     model, tokenizer, pretrained = build_model(config)
@@ -132,53 +178,22 @@ def setup_run(config, workdir: str, mesh, rules, local_batch: int) -> Run:
         batch_size=local_batch,
         seed=config.train.seed,
     )
-    tx = optimizer(config.train)
-    patterns = tuple(config.train.trainable)
-    ema = bool(config.train.get("ema", False))
-    boxed = flatten(abstract_params(model))
-    param_sh = tree_shardings(boxed, mesh, rules)
-    rng = jax.random.key(config.train.seed)
-    init_key, state_key = jax.random.split(rng)
-    abstract = jax.eval_shape(
-        lambda p: create_state(p, patterns, tx, ema, state_key), meta.unbox(boxed)
-    )
-    shardings = state_shardings(abstract, param_sh, mesh)
-    placed = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
-    if not abstract.trainable:
-        raise UserError(f"train.trainable {patterns} matches no parameter")
-
-    def initial_state() -> TrainState:
-        params = jax.jit(
-            lambda k: flatten(meta.unbox(init_params(model, k))), out_shardings=param_sh
-        )(init_key)
-        for name, value in overlay_pretrained(params, pretrained).items():
-            params[name] = jax.device_put(value, param_sh[name])
-        create = jax.jit(
-            lambda p: create_state(p, patterns, tx, ema, state_key),
-            out_shardings=shardings,
-            donate_argnums=0,
-        )
-        return create(params)
-
     loss_cfg = LossConfig(**config.get("loss", {}))
-    step_fn = make_train_step(model, config.train, loss_cfg, tx)
-
-    def compile_for(batch_sharding, replicated):
-        return compile_step(
-            step_fn,
-            placed,
-            batch_spec(model, config.train.batch_size),
-            shardings,
-            batch_sharding,
-            replicated,
-        )
-
-    preview = None
+    run = build_run(
+        config,
+        mesh,
+        rules,
+        meta={"task": "subject_diffusion", "model": model.to_dict()},
+        loader=loader,
+        boxed=flatten(abstract_params(model)),
+        init_flat=lambda k: flatten(unbox(init_params(model, k))),
+        pretrained_flat=lambda fresh: overlay_pretrained(fresh, pretrained),
+        step_fn=lambda tx: make_train_step(model, config.train, loss_cfg, tx),
+        batch=batch_spec(model, config.train.batch_size),
+    )
     if config.train.get("preview_every", 0) and jax.process_count() == 1:
-        preview = make_preview(model, tokenizer, data_path, workdir, config.train)
-    return Run(model, tokenizer, loader, placed, initial_state, compile_for, preview)
+        run.preview = make_preview(model, tokenizer, data_path, workdir, config.train)
+    return run
 
 
 def make_preview(

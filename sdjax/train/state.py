@@ -62,12 +62,12 @@ def split_trainable(flat: dict, patterns: Sequence[str]) -> tuple[dict, dict]:
 
 
 def learning_rate(train_cfg) -> optax.Schedule:
-    """Linear warm-up to `lr`, then constant (the authors') or cosine decay to 0."""
+    """Linear warm-up to `lr`, then constant (the authors') or cosine decay to 0 at
+    `schedule_steps` (default `num_steps`; set it to stop a run part-way along its schedule)."""
     warmup = optax.linear_schedule(0.0, train_cfg.lr, max(1, train_cfg.warmup_steps))
     if train_cfg.get("decay", "constant") == "cosine":
-        rest = optax.cosine_decay_schedule(
-            train_cfg.lr, max(1, train_cfg.num_steps - train_cfg.warmup_steps)
-        )
+        horizon = train_cfg.get("schedule_steps") or train_cfg.num_steps
+        rest = optax.cosine_decay_schedule(train_cfg.lr, max(1, horizon - train_cfg.warmup_steps))
     else:
         rest = optax.constant_schedule(train_cfg.lr)
     return optax.join_schedules([warmup, rest], [train_cfg.warmup_steps])

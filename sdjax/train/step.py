@@ -1,4 +1,5 @@
-"""One training step of Subject-Diffusion, compiled once with explicit shardings.
+"""Train steps, compiled once with explicit shardings: a generic `make_step` around a
+task's loss, and Subject-Diffusion's loss.
 
     step(state, batch) -> (state, metrics)
 
@@ -31,9 +32,38 @@ class LossConfig(NamedTuple):
     ema_decay: float = 0.9999
 
 
-def make_train_step(config: ModelConfig, train_cfg, loss_cfg: LossConfig, tx):
+def make_step(losses, tx, lr, ema_decay: float):
+    """A train step from a loss: `losses(trainable, frozen, batch, rng) -> (loss, terms)`.
+
+    Gradients flow to the trainable parameters only; the step updates them with `tx`,
+    then their EMA (when the state keeps one). Metrics: loss, the terms, grad_norm, lr.
+    """
+
+    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        (loss, terms), grads = jax.value_and_grad(losses, has_aux=True)(
+            state.trainable, state.frozen, batch, rng
+        )
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        ema = state.ema
+        if ema is not None:
+            ema = update_ema(ema, trainable, ema_decay)
+        metrics = {
+            "loss": loss,
+            **terms,
+            "grad_norm": optax.global_norm(grads),
+            "lr": lr(state.step),
+        }
+        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema)
+        return new, metrics
+
+    return step
+
+
+def subject_diffusion_losses(config: ModelConfig, loss_cfg: LossConfig):
+    """Subject-Diffusion's objective on a batch (module docstring) as `make_step` wants it."""
     schedule = config.noise.schedule()
-    lr = learning_rate(train_cfg)
     probe_on = loss_cfg.attn_weight > 0 and bool(config.unet.probe_layers)
 
     def losses(trainable, frozen, batch, rng):
@@ -68,26 +98,13 @@ def make_train_step(config: ModelConfig, train_cfg, loss_cfg: LossConfig, tx):
         loss = terms["mse"] + loss_cfg.attn_weight * terms.get("attn", 0.0)
         return loss, terms
 
-    def step(state: TrainState, batch) -> tuple[TrainState, dict]:
-        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (loss, terms), grads = jax.value_and_grad(losses, has_aux=True)(
-            state.trainable, state.frozen, batch, rng
-        )
-        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
-        trainable = optax.apply_updates(state.trainable, updates)
-        ema = state.ema
-        if ema is not None:
-            ema = update_ema(ema, trainable, loss_cfg.ema_decay)
-        metrics = {
-            "loss": loss,
-            **terms,
-            "grad_norm": optax.global_norm(grads),
-            "lr": lr(state.step),
-        }
-        new = state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state, ema=ema)
-        return new, metrics
+    return losses
 
-    return step
+
+def make_train_step(config: ModelConfig, train_cfg, loss_cfg: LossConfig, tx):
+    """Subject-Diffusion's train step."""
+    losses = subject_diffusion_losses(config, loss_cfg)
+    return make_step(losses, tx, learning_rate(train_cfg), loss_cfg.ema_decay)
 
 
 def compile_step(
