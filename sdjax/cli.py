@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from sdjax import __version__
 from sdjax.data.cli import register as register_data
+from sdjax.demo import add_parser as add_demo_parser
 from sdjax.errors import UserError
+from sdjax.eval.dreambench import add_parser as add_dreambench_parser
+from sdjax.eval.toy import add_parser as add_toy_eval_parser
 from sdjax.export_cli import add_parser as add_export_parser
 from sdjax.sample_cli import add_parser as add_sample_parser
 from sdjax.train.cli import add_parser as add_train_parser
@@ -21,33 +25,28 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(2)
 
 
-def _demo(args: argparse.Namespace) -> int:
-    print(
-        "sdjax demo: the embedded default model is not built yet; "
-        "this stage only checks that the package and JAX load."
-    )
-    import jax
-
-    print(f"sdjax {__version__}, jax {jax.__version__}, devices: {jax.devices()}")
-    return 0
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="sdjax", description=__doc__)
     parser.add_argument("--version", action="version", version=f"sdjax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="run the main job on the embedded default model")
-    demo.add_argument("--out", default="out/demo", help="output folder")
-    demo.set_defaults(run=_demo)
+    add_demo_parser(sub)
     register_data(sub)
     add_sample_parser(sub)
     add_train_parser(sub)
     add_export_parser(sub)
+    evaluate = sub.add_parser("eval", help="measure a model (toy world, DreamBench)")
+    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
+    add_toy_eval_parser(benchmarks)
+    add_dreambench_parser(benchmarks)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Compiles are slow on CPU; a persistent cache makes the second run of a command cheap.
+    os.environ.setdefault(
+        "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "sdjax", "jax")
+    )
     args = build_parser().parse_args(argv)
     try:
         return args.run(args) or 0
