@@ -51,6 +51,7 @@ def get_config():
         vae=None,
         resolution=32,
         max_subjects=3,
+        auto_box_fill=0.45,  # toy subjects span 0.26-0.48 of the image
         grounding_hidden=64,
         vocab="toy",
     )

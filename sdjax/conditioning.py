@@ -71,11 +71,11 @@ def check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
 
 def auto_boxes(aspects: Sequence[float], fill: float = 0.75) -> list[tuple[float, ...]]:
     """Boxes for subjects with aspect ratios w/h `aspects`: one column each, left to right,
-    each box as large as fits `fill` of its column and of the image height, centred."""
+    centred in it; a box spans at most `fill` of the image (at most 0.9/n side by side)."""
     n = len(aspects)
     boxes = []
     for i, aspect in enumerate(aspects):
-        cell_w, cell_h = fill / n, fill
+        cell_w, cell_h = min(fill, 0.9 / n), fill
         w = min(cell_w, cell_h * aspect)
         h = w / aspect
         cx, cy = (i + 0.5) / n, 0.5

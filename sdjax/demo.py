@@ -35,7 +35,9 @@ def run(args) -> int:
     from sdjax.pipeline import load_pipeline
 
     pipeline = load_pipeline(args.checkpoint)
-    made = generate_cases(pipeline, n_cases=args.cases, seed=args.seed, steps=args.steps)
+    made = generate_cases(
+        pipeline, n_cases=args.cases, seed=args.seed, steps=args.steps, desc="demo"
+    )
     os.makedirs(args.out, exist_ok=True)
     sheet = os.path.join(args.out, "demo.png")
     cases = made["cases"]

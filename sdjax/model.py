@@ -57,7 +57,9 @@ class ModelConfig:
     resolution: output image size in pixels. max_subjects: subject slots N.
     vocab_subset: CLIP ids the text encoder knows (None: the whole CLIP vocabulary).
     single_subject_box: give GroundingNet box coordinates when only one subject is shown
-    (the authors turn them off; SPEC 3b).
+    (the authors turn them off; SPEC 3b). auto_box_fill: how much of the image the
+    sampler's automatic boxes span (`conditioning.auto_boxes`); set it near the size of the
+    subjects the model was trained on.
     """
 
     unet: UNetConfig
@@ -70,6 +72,7 @@ class ModelConfig:
     grounding_hidden: int = 1024
     vocab_subset: tuple[int, ...] | None = None
     single_subject_box: bool = False
+    auto_box_fill: float = 0.75
 
     def __post_init__(self):
         channels = self.vae.latent_channels if self.vae else 3

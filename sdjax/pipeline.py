@@ -105,8 +105,9 @@ def read_pipeline(folder: str) -> Pipeline:
     return Pipeline(config, jax.device_put(params), make_tokenizer(config, tokenizer_folder))
 
 
-def load_pipeline(path: str | None = None) -> Pipeline:
-    """The embedded default model (path None), a pipeline folder, or a training checkpoint."""
+def load_pipeline(path: str | None = None, use_ema: bool | None = None) -> Pipeline:
+    """The embedded default model (path None), a pipeline folder, or a training checkpoint
+    (its EMA weights when it keeps them, unless `use_ema` is False)."""
     if path is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model.json")):
             raise UserError(
@@ -121,7 +122,7 @@ def load_pipeline(path: str | None = None) -> Pipeline:
     from sdjax.checkpoint import is_training_checkpoint, pipeline_from_training
 
     if is_training_checkpoint(path):
-        return pipeline_from_training(path)
+        return pipeline_from_training(path, use_ema)
     raise UserError(
         f"{path} is neither an sdjax pipeline folder (model.json) nor a training checkpoint"
     )

@@ -99,7 +99,7 @@ def prepare_inputs(pipeline: Pipeline, prompt: str, subjects: Sequence[Subject])
         x1, y1, x2, y2 = mask_box(mask)
         aspects.append((x2 - x1) / (y2 - y1))
         boxes.append(None if subject.box is None else check_box(subject.box))
-    placed = auto_boxes(aspects) if subjects else []
+    placed = auto_boxes(aspects, pipeline.config.auto_box_fill) if subjects else []
     box_array = np.zeros((n, 4), np.float32)
     for i, box in enumerate(boxes):
         box_array[i] = box if box is not None else placed[i]

@@ -83,6 +83,13 @@ def test_auto_boxes_keep_aspect_and_do_not_overlap():
     assert all(a[2] <= b[0] for a, b in zip(boxes, boxes[1:]))
 
 
+def test_auto_boxes_span_fill_unless_they_must_share_the_width():
+    ((x1, y1, x2, y2),) = auto_boxes([1.0], fill=0.45)
+    assert (x2 - x1, y2 - y1) == pytest.approx((0.45, 0.45))
+    assert (x1 + x2) / 2 == pytest.approx(0.5)
+    assert [b[2] - b[0] for b in auto_boxes([1.0, 1.0], fill=0.75)] == pytest.approx([0.45] * 2)
+
+
 @pytest.mark.parametrize("box", [(0, 0, 1), (0, 0, 1.5, 1), (0.5, 0, 0.5, 1), (0, 0.6, 1, 0.2)])
 def test_bad_boxes(box):
     with pytest.raises(UserError):

@@ -105,6 +105,7 @@ def test_batches_follow_the_contract(scenes):
         "drop_text": ((BATCH,), np.bool_),
         "drop_loc": ((BATCH,), np.bool_),
         "drop_objs": ((BATCH,), np.bool_),
+        "noise_seed": ((BATCH,), np.int32),
     }
     assert {k: (v.shape, v.dtype) for k, v in batch.items()} == expected
     assert -1.0 <= batch["image"].min() < 0.0 < batch["image"].max() <= 1.0

@@ -285,3 +285,18 @@ def test_demo_draws_every_kind_of_case(pipe, tmp_path, capsys):
         assert sheet.height > 4 * 128  # a row per case
     assert "wrote" in capsys.readouterr().out
     assert main([*argv[:-1], os.path.join(out, "demo.json")]) == 2  # --out is a file
+
+
+def test_embedded_model_personalises_held_out_subjects(classifier):
+    """The shipped model (sdjax/assets/default_model) on 16 held-out cases: colour,
+    pattern and toy-CLIP similarity come from the references, far above text only."""
+    from sdjax.pipeline import load_pipeline
+
+    pipeline = load_pipeline()
+    assert pipeline.config.resolution == R and pipeline.config.max_subjects == 3
+    report = evaluate_toy(pipeline, n_cases=16, classifier=classifier, progress=False)
+    model, text_only = report["metrics"]["model"], report["metrics"]["text_only"]
+    assert model["colour"] >= text_only["colour"] + 0.25
+    assert model["pattern"] > text_only["pattern"]
+    assert model["clip_i"] > text_only["clip_i"] + 0.05
+    assert model["present"] > text_only["present"]

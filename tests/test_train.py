@@ -200,3 +200,24 @@ def test_two_processes_reproduce_the_single_process_losses(reference, data_dir, 
     env = {k: v for k, v in subprocess_env().items() if k != "XLA_FLAGS"}
     subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=900)
     np.testing.assert_allclose(losses(metrics(tmp_path)), losses(ref, 1, 10), rtol=2e-4)
+
+
+def test_export_writes_pipelines_of_ema_or_raw_weights_and_diffusers_folders(reference, tmp_path):
+    from sdjax.cli import main
+    from sdjax.pipeline import load_pipeline
+
+    workdir, _ = reference
+    latest = os.path.join(workdir, "checkpoints", str(STEPS))
+    for name, extra in (("ema", []), ("raw", ["--raw-weights"])):
+        assert (
+            main(["export", str(workdir), str(tmp_path / name), "--format", "sdjax", *extra]) == 0
+        )
+    ema, raw = (load_pipeline(str(tmp_path / n)) for n in ("ema", "raw"))
+    _, trained = restore_params(latest, use_ema=False)
+    kernel = "unet/conv_in/kernel"
+    np.testing.assert_array_equal(raw.params["unet"]["conv_in"]["kernel"], trained[kernel])
+    assert not np.array_equal(ema.params["unet"]["conv_in"]["kernel"], trained[kernel])
+    assert ema.config == raw.config == load_pipeline(str(workdir)).config
+    assert main(["export", str(workdir), str(tmp_path / "torch")]) == 0
+    assert os.path.isfile(tmp_path / "torch" / "unet" / "config.json")
+    assert main(["export", str(workdir), str(tmp_path / "torch")]) == 2  # not empty

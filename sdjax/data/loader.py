@@ -7,7 +7,7 @@
 
 Each process gets `batch_size` examples per batch (its local share of the global batch),
 shaped as `sdjax.data.transforms` describes (image, refs, boxes, valid, use_box, ids,
-placeholders, label_positions, masks, drop_text / drop_loc / drop_objs).
+placeholders, label_positions, masks, drop_text / drop_loc / drop_objs, noise_seed).
 
 The grain graph: RecordSource -> seed -> shuffle (a fresh permutation per epoch) ->
 random_map(ExampleTransform) -> [process_index::process_count] -> repeat(num_epochs) ->

@@ -7,6 +7,7 @@ slots, R output size, M mask size, S image-encoder size, L tokens:
     image [R,R,3] f32 in [-1,1]     refs [N,S,S,3] f32        boxes [N,4] f32 xyxy in [0,1]
     valid, use_box [N] bool         ids [L] i32               placeholders, label_positions [N] i32
     masks [N,M,M] f32 in [0,1]      drop_text, drop_loc, drop_objs: bool scalars
+    noise_seed: int32 scalar (the train step's per-example noise and timestep)
 
 Empty slots are zeros. The steps (SPEC 5, "Preprocessing"): keep the best-scoring
 subjects; a random square crop holding all their boxes, resized to R; references cut from
@@ -228,6 +229,9 @@ class ExampleTransform(grain.transforms.RandomMap):
         example["placeholders"] = tokens.placeholder_positions
         example["label_positions"] = tokens.label_positions
         example.update({name: np.bool_(flag) for name, flag in drops.items()})
+        # Seeds this example's diffusion noise and timestep in the train step, so they
+        # follow the example, not its position in a (per-process) batch.
+        example["noise_seed"] = np.int32(rng.integers(0, 2**31 - 1))
         return example
 
     def _empty_slots(self) -> dict[str, np.ndarray]:

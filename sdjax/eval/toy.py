@@ -34,6 +34,7 @@ def generate_cases(
     image_scale: float = 1.5,
     batch_size: int = 16,
     progress: bool = True,
+    desc: str = "toy eval",
 ) -> dict:
     """Make `n_cases` toy cases and sample them: `world`, `cases`, `boxes` (the boxes the
     sampler used, per case), `images` (system -> uint8 `[n, R, R, 3]`: model, text_only,
@@ -53,7 +54,7 @@ def generate_cases(
     inputs = [prepare_inputs(pipeline, c.prompt, case_subjects(world, c)) for c in cases]
     boxes = [inp["boxes"][: len(c.subjects)].tolist() for c, inp in zip(cases, inputs)]
     start = time.perf_counter()
-    images = generate_images(pipeline, world, cases, inputs, boxes, settings, progress)
+    images = generate_images(pipeline, world, cases, inputs, boxes, settings, progress, desc)
     return {
         "world": world,
         "cases": cases,

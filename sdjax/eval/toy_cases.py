@@ -144,13 +144,15 @@ def _sample(pipeline, inputs: list[dict], subject_steps: int, settings: dict, ba
     return np.concatenate(out)
 
 
-def generate_images(pipeline, world, cases, inputs, boxes, settings, progress) -> dict:
+def generate_images(
+    pipeline, world, cases, inputs, boxes, settings, progress, desc: str = "toy eval"
+) -> dict:
     """system -> uint8 `[n, R, R, 3]`: the model, text only (no subject steps) and the
     target. inputs: per case, `sampling.prepare_inputs`; boxes: the boxes it used;
     settings: seed, steps, text_scale, image_scale, batch_size."""
     from tqdm import tqdm
 
-    with tqdm(total=2 * len(cases), desc="toy eval", unit="image", disable=not progress) as bar:
+    with tqdm(total=2 * len(cases), desc=desc, unit="image", disable=not progress) as bar:
         images = {
             "model": _sample(pipeline, inputs, settings["steps"], settings, bar),
             "text_only": _sample(pipeline, inputs, 0, settings, bar),

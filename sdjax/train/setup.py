@@ -142,6 +142,7 @@ def batch_spec(model: ModelConfig, batch: int) -> dict:
         "drop_text": ((batch,), bool),
         "drop_loc": ((batch,), bool),
         "drop_objs": ((batch,), bool),
+        "noise_seed": ((batch,), i32),
     }
     return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 

@@ -5,9 +5,11 @@ task's loss, and Subject-Diffusion's loss.
 
 batch: the loader's contract (`sdjax.data.loader`): image `[B,R,R,3]`, refs
 `[B,N,S,S,3]`, boxes `[B,N,4]`, valid / use_box `[B,N]`, ids `[B,L]`, placeholders /
-label_positions `[B,N]`, masks `[B,N,M,M]`, drop_text / drop_loc / drop_objs `[B]`.
-Noise, timesteps t ~ U{0..T-1} and VAE posterior draws come from the state's rng folded
-with the step, so a resumed run repeats an uninterrupted one exactly.
+label_positions `[B,N]`, masks `[B,N,M,M]`, drop_text / drop_loc / drop_objs,
+noise_seed `[B]`. Each example's noise, timestep t ~ U{0..T-1} and VAE posterior draw
+come from the step's rng folded with its noise_seed: a resumed run repeats an
+uninterrupted one exactly, and how a global batch is split over processes and devices
+does not change what an example gets.
 """
 
 from __future__ import annotations
@@ -30,6 +32,12 @@ class LossConfig(NamedTuple):
     attn_weight: float = 0.01  # lambda_attn (SPEC 4)
     attn_form: str = "balanced_l1"
     ema_decay: float = 0.9999
+
+
+def example_keys(rng, seeds):
+    """Three keys per example (noise, timestep, VAE draw): `[B]` seeds -> 3 x `[B]` keys."""
+    keys = jax.vmap(lambda seed: jax.random.split(jax.random.fold_in(rng, seed), 3))(seeds)
+    return keys[:, 0], keys[:, 1], keys[:, 2]
 
 
 def make_step(losses, tx, lr, ema_decay: float):
@@ -68,10 +76,15 @@ def subject_diffusion_losses(config: ModelConfig, loss_cfg: LossConfig):
 
     def losses(trainable, frozen, batch, rng):
         params = unflatten({**trainable, **frozen})
-        k_noise, k_t, k_vae = jax.random.split(rng, 3)
-        x0 = to_latents(config, params, batch["image"], k_vae)
-        noise = jax.random.normal(k_noise, x0.shape, jnp.float32)
-        t = jax.random.randint(k_t, (x0.shape[0],), 0, schedule.num_train_timesteps)
+        k_noise, k_t, k_vae = example_keys(rng, batch["noise_seed"])
+        if config.vae is None:
+            x0 = batch["image"]
+        else:  # a posterior draw per example
+            x0 = jax.vmap(lambda image, k: to_latents(config, params, image[None], k)[0])(
+                batch["image"], k_vae
+            )
+        noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
+        t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(k_t)
         x_t = add_noise(schedule, x0, noise, t)
 
         patches, cls = encode_subjects(config, params, batch["refs"])
