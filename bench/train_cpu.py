@@ -169,6 +169,7 @@ class TorchTrainer(Trainer):
         )
         self.clip_norm, self.ema_decay = train.clip_norm, config.loss.ema_decay
         self.ema = [p.detach().clone() for p in self.params]
+        self.step = 0
         data = np.load(os.path.join(folder, "batch.npz"))
         self.batch = {k: torch.from_numpy(np.ascontiguousarray(data[k])) for k in data.files}
         for key in ("image", "refs", "loc"):  # NHWC -> NCHW
@@ -198,7 +199,9 @@ class TorchTrainer(Trainer):
         out = m.unet(
             torch.cat([x_t, loc], 1), t, context, cross_attention_kwargs={"gligen": {"objs": objs}}
         ).sample
-        return torch.nn.functional.mse_loss(out, noise)
+        epsilon = m.scheduler.config.prediction_type == "epsilon"
+        target = noise if epsilon else m.scheduler.get_velocity(x0, noise, t)
+        return torch.nn.functional.mse_loss(out, target)
 
     def train_step(self) -> float:
         import torch
@@ -209,8 +212,10 @@ class TorchTrainer(Trainer):
         if self.clip_norm:
             torch.nn.utils.clip_grad_norm_(self.params, self.clip_norm, foreach=True)
         self.optimizer.step()
+        decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))  # as ema_decay_at
+        self.step += 1
         with torch.no_grad():
-            torch._foreach_lerp_(self.ema, self.params, 1.0 - self.ema_decay)
+            torch._foreach_lerp_(self.ema, self.params, 1.0 - decay)
         return loss.item()
 
 

@@ -25,6 +25,7 @@ from sdjax.convert.files import write_json, write_safetensors
 from sdjax.convert.keys import KeyTable, flax_to_torch
 from sdjax.convert.unet import unet_to_diffusers
 from sdjax.convert.vae import vae_to_diffusers
+from sdjax.errors import UserError
 from sdjax.pipeline import Pipeline
 from sdjax.tokenizer import BUILTIN_VOCAB
 
@@ -57,6 +58,16 @@ def scheduler_config(pipeline: Pipeline) -> dict:
 def export_pipeline(pipeline: Pipeline, out: str) -> None:
     """Write every part of `pipeline` under `out` (see the module docstring)."""
     config, params = pipeline.config, pipeline.params
+    ablated = [
+        name
+        for name in ("location_control", "box_coordinates", "cls_feature")
+        if not getattr(config, name)
+    ]
+    if ablated:
+        raise UserError(
+            f"export: an ablation model ({', '.join(ablated)} off) has no diffusers form; "
+            "use --format sdjax"
+        )
     os.makedirs(out, exist_ok=True)
     unet_to_diffusers(config.unet, params["unet"], os.path.join(out, "unet"))
     text_encoder_to_transformers(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import jax
 import jax.numpy as jnp
 
+from sdjax.conditioning import location_mask
 from sdjax.diffusion.schedules import Schedule, make_schedule
 from sdjax.errors import UserError
 from sdjax.models.clip import CLIPTextConfig, CLIPVisionConfig
@@ -60,6 +61,11 @@ class ModelConfig:
     (the authors turn them off; SPEC 3b). auto_box_fill: how much of the image the
     sampler's automatic boxes span (`conditioning.auto_boxes`); set it near the size of the
     subjects the model was trained on.
+
+    Ablations (SPEC 7; all on in the method): location_control feeds the location mask
+    (off: the channel is always the dropped, all-zero mask); box_coordinates gives
+    GroundingNet the boxes (off: never); cls_feature fuses each subject's CLS embedding at
+    its placeholder token (off: the text encoder reads the prompt alone).
     """
 
     unet: UNetConfig
@@ -73,6 +79,9 @@ class ModelConfig:
     vocab_subset: tuple[int, ...] | None = None
     single_subject_box: bool = False
     auto_box_fill: float = 0.75
+    location_control: bool = True
+    box_coordinates: bool = True
+    cls_feature: bool = True
 
     def __post_init__(self):
         channels = self.vae.latent_channels if self.vae else 3
@@ -194,7 +203,7 @@ def encode_prompt(config: ModelConfig, params, ids, cls=None, positions=None, va
     subject's CLS MLP embedding replaces its placeholder token (positions `[B, N]`)."""
     mods = modules(config)
     embeds = None
-    if cls is not None:
+    if cls is not None and config.cls_feature:
         embeds = mods["cls_mlp"].apply({"params": params["cls_mlp"]}, cls)
     hidden, _ = mods["text_encoder"].apply(
         {"params": params["text_encoder"]}, ids, embeds, positions, valid
@@ -204,9 +213,17 @@ def encode_prompt(config: ModelConfig, params, ids, cls=None, positions=None, va
 
 def ground(config: ModelConfig, params, patches, boxes, valid, use_box):
     """GroundingNet tokens `[B, N*P, D]` (null features in invalid slots)."""
+    use_box = use_box & config.box_coordinates
     return modules(config)["grounding"].apply(
         {"params": params["grounding"]}, patches, boxes, valid, use_box
     )
+
+
+def subject_location(config: ModelConfig, boxes, valid):
+    """The location-mask input `[B, h, h, 1]` of boxes `[B, N, 4]` (`location_mask`), or the
+    dropped, all-zero mask in a model without location control."""
+    loc = location_mask(boxes, valid, config.latent_size)
+    return loc if config.location_control else jnp.zeros_like(loc)
 
 
 def denoise(config: ModelConfig, params, x_t, t, context, objs, loc, probe=None):

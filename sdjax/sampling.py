@@ -24,11 +24,19 @@ import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 
-from sdjax.conditioning import auto_boxes, check_box, location_mask, mask_box, reference_image
+from sdjax.conditioning import auto_boxes, check_box, mask_box, reference_image
 from sdjax.diffusion.ddim import sample_loop_indexed
 from sdjax.diffusion.guidance import split_branches, stack_branches, three_branch_guidance
 from sdjax.errors import UserError
-from sdjax.model import ModelConfig, denoise, encode_prompt, encode_subjects, ground, to_images
+from sdjax.model import (
+    ModelConfig,
+    denoise,
+    encode_prompt,
+    encode_subjects,
+    ground,
+    subject_location,
+    to_images,
+)
 from sdjax.pipeline import Pipeline
 
 
@@ -143,7 +151,7 @@ def generate(
     ctx_empty = encode_prompt(config, params, inputs["empty_ids"])
     objs = ground(config, params, patches, inputs["boxes"], valid, inputs["use_box"])
     null_objs = ground(config, params, patches, inputs["boxes"], valid & False, valid & False)
-    loc = location_mask(inputs["boxes"], valid, config.latent_size)
+    loc = subject_location(config, inputs["boxes"], valid)
     no_loc = jnp.zeros_like(loc)  # a dropped location mask is all zeros (SPEC 3a)
 
     def guided(x, t, i):

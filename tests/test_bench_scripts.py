@@ -108,3 +108,30 @@ def test_gpu_model_and_tables():
     assert len(rows[0]) == len(headers)
     assert gpu.train_table(None, None)[2] == [["not run"] + [""] * 8]
     json.dumps(results)  # the payload stays JSON
+
+
+def test_ablation_table_marks_each_row_against_the_full_method(tmp_path):
+    import toy_ablations
+
+    full = dict.fromkeys(toy_ablations.METRICS, 0.5)
+    worse = {**full, "colour": 0.4, "swap": 0.6, "leak": 0.4}
+    text = toy_ablations.table({"full": full, "no_adapter": worse})
+    row = next(line for line in text.splitlines() if line.startswith("| no_adapter"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    columns = dict(zip(["row", *toy_ablations.METRICS, "paper"], cells))
+    assert columns["colour"] == "0.400 (-)" and columns["swap"] == "0.600 (-)"
+    assert columns["leak"] == "0.400 (+)" and columns["shape"] == "0.500"
+    assert columns["paper"] == "-0.177 / -0.095"
+    with pytest.raises(SystemExit):
+        toy_ablations.main(
+            [
+                "--data",
+                "d",
+                "--image-encoder",
+                "e",
+                "--root",
+                str(tmp_path),
+                "--rows",
+                "full,no_such_row",
+            ]
+        )

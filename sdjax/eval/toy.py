@@ -98,6 +98,11 @@ def add_parser(subparsers) -> None:
     """Adds `toy` (under `sdjax eval`) to an argparse subparsers object."""
     p = subparsers.add_parser("toy", help="measure personalisation on held-out toy subjects")
     p.add_argument("--checkpoint", metavar="DIR", help="pipeline or workdir (default: embedded)")
+    p.add_argument(
+        "--raw-weights",
+        action="store_true",
+        help="with a training workdir: its trained weights, not their EMA",
+    )
     p.add_argument("--cases", type=int, default=100, help="number of cases (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
@@ -136,7 +141,7 @@ def run(args) -> int:
 
     classifier = load_classifier(args.classifier)
     report = evaluate_toy(
-        load_pipeline(args.checkpoint),
+        load_pipeline(args.checkpoint, use_ema=False if args.raw_weights else None),
         n_cases=args.cases,
         seed=args.seed,
         steps=args.steps,

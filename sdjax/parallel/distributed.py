@@ -41,6 +41,20 @@ def initialize() -> None:
         jax.distributed.initialize()
 
 
+def barrier(name: str, timeout_s: int = 1800) -> None:
+    """Wait until every process reaches `name` (no-op for a single process).
+
+    Uses the coordinator's key-value barrier, not a device collective: the first
+    collective of a new device group gives the other processes only 30 s (Gloo's
+    rendezvous), which a process still compiling on a busy machine can miss.
+    """
+    if jax.process_count() == 1:
+        return
+    from orbax.checkpoint import multihost
+
+    multihost.get_barrier_sync_fn()(key=name, timeout_ms=timeout_s * 1000)
+
+
 def gather_json(obj) -> list:
     """Every process's JSON-serialisable `obj`, in process order (on every process)."""
     if jax.process_count() == 1:

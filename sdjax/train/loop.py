@@ -104,6 +104,7 @@ def _loop(config, workdir: str, mesh, run: Run) -> dict:
             with open(os.path.join(workdir, "config.json"), "w") as f:
                 f.write(config_to_json(config))
     step_fn = run.compile(batch_sharding(mesh), replicated(mesh))
+    distributed.barrier("sdjax_train_compiled")
     meta_info = {"config": json.loads(config_to_json(config)), **run.meta}
 
     stop = {"signal": None}

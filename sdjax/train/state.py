@@ -103,5 +103,12 @@ def create_state(flat_params: dict, patterns: Sequence[str], tx, ema: bool, rng)
     )
 
 
-def update_ema(ema: dict, trainable: dict, decay: float) -> dict:
+def ema_decay_at(step, decay: float):
+    """The EMA decay after `step` updates, warmed up as min(decay, (1 + step) / (10 + step)):
+    without the warm-up an EMA at 0.999 still holds 8% of the initialisation after 2500
+    steps."""
+    return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+
+
+def update_ema(ema: dict, trainable: dict, decay) -> dict:
     return jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, trainable)

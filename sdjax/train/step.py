@@ -21,11 +21,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from sdjax.conditioning import location_mask
 from sdjax.diffusion.schedules import add_noise
-from sdjax.model import ModelConfig, denoise, encode_prompt, encode_subjects, ground, to_latents
+from sdjax.model import (
+    ModelConfig,
+    denoise,
+    encode_prompt,
+    encode_subjects,
+    ground,
+    subject_location,
+    to_latents,
+)
 from sdjax.train.losses import attention_map_loss, diffusion_loss
-from sdjax.train.state import TrainState, learning_rate, unflatten, update_ema
+from sdjax.train.state import TrainState, ema_decay_at, learning_rate, unflatten, update_ema
 
 
 class LossConfig(NamedTuple):
@@ -56,7 +63,7 @@ def make_step(losses, tx, lr, ema_decay: float):
         trainable = optax.apply_updates(state.trainable, updates)
         ema = state.ema
         if ema is not None:
-            ema = update_ema(ema, trainable, ema_decay)
+            ema = update_ema(ema, trainable, ema_decay_at(state.step, ema_decay))
         metrics = {
             "loss": loss,
             **terms,
@@ -96,7 +103,7 @@ def subject_diffusion_losses(config: ModelConfig, loss_cfg: LossConfig):
         objs_valid = valid & ~batch["drop_objs"][:, None]
         objs = ground(config, params, patches, batch["boxes"], objs_valid, batch["use_box"])
         keep_loc = (~batch["drop_loc"]).astype(jnp.float32)[:, None, None, None]
-        loc = location_mask(batch["boxes"], valid, config.latent_size) * keep_loc
+        loc = subject_location(config, batch["boxes"], valid) * keep_loc
 
         terms = {}
         if probe_on:
