@@ -60,7 +60,8 @@ class ModelConfig:
     single_subject_box: give GroundingNet box coordinates when only one subject is shown
     (the authors turn them off; SPEC 3b). auto_box_fill: how much of the image the
     sampler's automatic boxes span (`conditioning.auto_boxes`); set it near the size of the
-    subjects the model was trained on.
+    subjects the model was trained on. text_scale / image_scale: the guidance scales the
+    sampler uses when not told (the paper's 7.5 / 1.5; a small model may want less).
 
     Ablations (SPEC 7; all on in the method): location_control feeds the location mask
     (off: the channel is always the dropped, all-zero mask); box_coordinates gives
@@ -79,6 +80,8 @@ class ModelConfig:
     vocab_subset: tuple[int, ...] | None = None
     single_subject_box: bool = False
     auto_box_fill: float = 0.75
+    text_scale: float = 7.5
+    image_scale: float = 1.5
     location_control: bool = True
     box_coordinates: bool = True
     cls_feature: bool = True

@@ -56,8 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("--out", required=True, metavar="PATH.png", help="output PNG")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--text-scale", type=float, default=7.5)
-    p.add_argument("--image-scale", type=float, default=1.5)
+    p.add_argument("--text-scale", type=float, help="text guidance (default: the model's)")
+    p.add_argument("--image-scale", type=float, help="image guidance (default: the model's)")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument(
         "--subject-fraction",
@@ -136,17 +136,18 @@ def run(args: argparse.Namespace) -> int:
         args.steps, args.text_scale, args.image_scale, args.num_images, args.subject_fraction
     )
     from sdjax.pipeline import load_pipeline
-    from sdjax.sampling import sample
+    from sdjax.sampling import guidance_scales, sample
 
     pipeline = load_pipeline(args.checkpoint)
+    text_scale, image_scale = guidance_scales(pipeline.config, args.text_scale, args.image_scale)
     images = sample(
         pipeline,
         args.prompt,
         subjects,
         seed=args.seed,
         num_steps=args.steps,
-        text_scale=args.text_scale,
-        image_scale=args.image_scale,
+        text_scale=text_scale,
+        image_scale=image_scale,
         num_images=args.num_images,
         subject_fraction=args.subject_fraction,
     )
@@ -160,8 +161,8 @@ def run(args: argparse.Namespace) -> int:
         ),
         "seed": str(args.seed),
         "steps": str(args.steps),
-        "text_scale": str(args.text_scale),
-        "image_scale": str(args.image_scale),
+        "text_scale": str(text_scale),
+        "image_scale": str(image_scale),
         "subject_fraction": str(args.subject_fraction),
         "checkpoint": args.checkpoint or "embedded default",
     }

@@ -176,12 +176,27 @@ def generate(
     return jnp.round((images + 1.0) * 127.5).astype(jnp.uint8)
 
 
+def guidance_scales(
+    config: ModelConfig, text_scale: float | None, image_scale: float | None
+) -> tuple[float, float]:
+    """The scales to sample with: as given, or the model's defaults where None."""
+    return (
+        config.text_scale if text_scale is None else text_scale,
+        config.image_scale if image_scale is None else image_scale,
+    )
+
+
 def check_settings(
-    num_steps: int, text_scale: float, image_scale: float, num_images: int, subject_fraction: float
+    num_steps: int,
+    text_scale: float | None,
+    image_scale: float | None,
+    num_images: int,
+    subject_fraction: float,
 ) -> None:
+    """Sampler settings, checked before any model is loaded (a None scale: the model's)."""
     if num_steps < 1:
         raise UserError(f"steps must be at least 1, got {num_steps}")
-    if text_scale < 0 or image_scale < 0:
+    if any(s is not None and s < 0 for s in (text_scale, image_scale)):
         raise UserError(f"guidance scales must be >= 0, got text {text_scale}, image {image_scale}")
     if num_images < 1:
         raise UserError(f"num-images must be at least 1, got {num_images}")
@@ -196,14 +211,16 @@ def sample(
     *,
     seed: int = 0,
     num_steps: int = 50,
-    text_scale: float = 7.5,
-    image_scale: float = 1.5,
+    text_scale: float | None = None,
+    image_scale: float | None = None,
     num_images: int = 1,
     subject_fraction: float = 1.0,
     batch_size: int = 8,
 ) -> list[Image.Image]:
-    """Generate `num_images` images of `subjects` in the scene `prompt` (see module doc)."""
+    """Generate `num_images` images of `subjects` in the scene `prompt` (see module doc).
+    Guidance scales left as None are the model's (`ModelConfig.text_scale`, `.image_scale`)."""
     check_settings(num_steps, text_scale, image_scale, num_images, subject_fraction)
+    text_scale, image_scale = guidance_scales(pipeline.config, text_scale, image_scale)
     one = prepare_inputs(pipeline, prompt, subjects)
     subject_steps = math.floor(subject_fraction * num_steps + 0.5)
     rng = jax.random.key(seed)

@@ -1,5 +1,6 @@
 """Sampling: one compile per shape, determinism, interpolation, input validation, the CLI."""
 
+import dataclasses
 import os
 
 import numpy as np
@@ -59,6 +60,13 @@ def test_new_prompt_seed_subjects_and_scales_do_not_recompile(pipe):
     )
     run(pipe, "green", [], num_images=2, seed=8)
     assert generate._cache_size() == before
+
+
+def test_unset_guidance_scales_are_the_models(pipe):
+    scales = dict(text_scale=2.0, image_scale=0.5)
+    own = dataclasses.replace(pipe, config=dataclasses.replace(pipe.config, **scales))
+    np.testing.assert_array_equal(run(own, seed=4), run(pipe, seed=4, **scales))
+    assert not np.array_equal(run(pipe, seed=4), run(pipe, seed=4, **scales))
 
 
 def test_same_seed_same_images_other_seed_differs(pipe):

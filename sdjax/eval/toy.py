@@ -30,8 +30,8 @@ def generate_cases(
     n_cases: int,
     seed: int = 0,
     steps: int = 25,
-    text_scale: float = 7.5,
-    image_scale: float = 1.5,
+    text_scale: float | None = None,
+    image_scale: float | None = None,
     batch_size: int = 16,
     progress: bool = True,
     desc: str = "toy eval",
@@ -42,9 +42,10 @@ def generate_cases(
     `seconds` (the sampling's wall time)."""
     from sdjax.data.toy import ToyWorld
     from sdjax.eval.toy_cases import case_subjects, generate_images, make_cases, subject_render
-    from sdjax.sampling import check_settings, prepare_inputs
+    from sdjax.sampling import check_settings, guidance_scales, prepare_inputs
 
     check_settings(steps, text_scale, image_scale, 1, 1.0)
+    text_scale, image_scale = guidance_scales(pipeline.config, text_scale, image_scale)
     if n_cases < 1 or batch_size < 1:
         raise UserError(f"cases and batch size must be at least 1, got {n_cases}, {batch_size}")
     settings = dict(n_cases=n_cases, seed=seed, steps=steps, batch_size=batch_size)
@@ -106,8 +107,8 @@ def add_parser(subparsers) -> None:
     p.add_argument("--cases", type=int, default=100, help="number of cases (default 100)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    p.add_argument("--text-scale", type=float, default=7.5)
-    p.add_argument("--image-scale", type=float, default=1.5)
+    p.add_argument("--text-scale", type=float, help="text guidance (default: the model's)")
+    p.add_argument("--image-scale", type=float, help="image guidance (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per sampling call")
     p.add_argument("--classifier", metavar="DIR", help="attribute classifier (default: shipped)")
     p.add_argument("--out", metavar="results.json", help="write the full report as JSON")
