@@ -62,6 +62,9 @@ def get_config():
         resolution=32,
         max_subjects=3,
         auto_box_fill=0.45,  # toy subjects span 0.26-0.48 of the image
+        # guidance the sampler uses by default: best of a sweep (MODEL_CARD.md)
+        text_scale=3.0,
+        image_scale=3.0,
         grounding_hidden=64,
         vocab="toy",
         # SPEC 7's ablations switch these off (bench/toy_ablations.py)
