@@ -75,6 +75,10 @@ def train_and_evaluate(row: str, args) -> dict:
             *weights,
             "--cases",
             str(args.cases),
+            "--text-scale",
+            str(args.text_scale),
+            "--image-scale",
+            str(args.image_scale),
             "--out",
             result,
         )
@@ -109,6 +113,8 @@ def main(argv=None) -> int:
     p.add_argument("--cases", type=int, default=100, help="toy eval cases per row")
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of rows")
     p.add_argument("--ema", action="store_true", help="evaluate EMA weights (default: raw)")
+    p.add_argument("--text-scale", type=float, default=3.0, help="guidance (the shipped model's)")
+    p.add_argument("--image-scale", type=float, default=3.0, help="guidance (the shipped model's)")
     args = p.parse_args(argv)
     rows = args.rows.split(",")
     unknown = [r for r in rows if r not in ROWS]
@@ -119,7 +125,10 @@ def main(argv=None) -> int:
     text = table(results)
     print(text)
     with open(os.path.join(args.root, "ablations.md"), "w") as f:
-        f.write(f"steps per row: {args.steps}, eval cases: {args.cases}\n\n{text}")
+        f.write(
+            f"steps per row: {args.steps}, eval cases: {args.cases}, guidance: "
+            f"{args.text_scale} / {args.image_scale}\n\n{text}"
+        )
     with open(os.path.join(args.root, "ablations.json"), "w") as f:
         json.dump({"steps": args.steps, "cases": args.cases, "rows": results}, f, indent=1)
     return 0
