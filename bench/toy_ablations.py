@@ -32,6 +32,7 @@ ROWS = {
 }
 # metric -> whether higher is better
 METRICS = {
+    "present": True,
     "colour": True,
     "pattern": True,
     "shape": True,
