@@ -58,15 +58,10 @@ def scheduler_config(pipeline: Pipeline) -> dict:
 def export_pipeline(pipeline: Pipeline, out: str) -> None:
     """Write every part of `pipeline` under `out` (see the module docstring)."""
     config, params = pipeline.config, pipeline.params
-    ablated = [
-        name
-        for name in ("location_control", "box_coordinates", "cls_feature")
-        if not getattr(config, name)
-    ]
-    if ablated:
+    if config.ablated:
         raise UserError(
-            f"export: an ablation model ({', '.join(ablated)} off) has no diffusers form; "
-            "use --format sdjax"
+            f"export: an ablation model ({', '.join(config.ablated)} off) has no diffusers "
+            "form; use --format sdjax"
         )
     os.makedirs(out, exist_ok=True)
     unet_to_diffusers(config.unet, params["unet"], os.path.join(out, "unet"))

@@ -101,6 +101,15 @@ class ModelConfig:
             )
 
     @property
+    def ablated(self) -> list[str]:
+        """The ablation switches turned off (empty for the method itself)."""
+        return [
+            name
+            for name in ("location_control", "box_coordinates", "cls_feature")
+            if not getattr(self, name)
+        ]
+
+    @property
     def downscale(self) -> int:
         return self.vae.downscale if self.vae else 1
 
