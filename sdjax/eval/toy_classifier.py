@@ -47,7 +47,7 @@ from sdjax.convert.keys import flat_to_tree, tree_to_flat
 from sdjax.data.records import image_array, mask_array
 from sdjax.data.toy import ToyWorld, make_scene
 from sdjax.errors import UserError
-from sdjax.models.layers import conv, dense, group_norm, unbox
+from sdjax.models.layers import GroupNorm, conv, dense, unbox
 
 DEFAULT_CLASSIFIER = os.path.join(os.path.dirname(__file__), "..", "assets", "toy_classifier")
 FORMAT = "sdjax-toy-classifier"
@@ -96,7 +96,7 @@ class AttributeNet(nn.Module):
             if i:
                 x = nn.avg_pool(x, (2, 2), (2, 2))
             x = conv(channels, name=f"conv_{i}")(x)
-            x = nn.silu(group_norm(cfg.groups, 1e-5, name=f"norm_{i}")(x))
+            x = nn.silu(GroupNorm(cfg.groups, 1e-5, name=f"norm_{i}")(x))
         x = nn.silu(dense(cfg.hidden, name="hidden")(x.reshape(x.shape[0], -1)))
         logits = {"object": dense(1, name="object")(x)[:, 0]}
         for attribute in ATTRIBUTES:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from sdjax.models.layers import constrain, dense, group_norm
+from sdjax.models.layers import GroupNorm, constrain, dense
 
 
 def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal=False, implementation=None):
@@ -55,7 +55,7 @@ class Attention(nn.Module):
     collection under this module's path.
 
     With `norm_groups` set (the VAE mid-block form) x is an image `[B, H, W, D]`: it is
-    group-normalised (`group_norm`), attended over its H*W positions, and added back.
+    group-normalised (`GroupNorm`), attended over its H*W positions, and added back.
     """
 
     heads: int
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         if self.norm_groups is not None:
             residual = x
             b, h, w, c = x.shape
-            x = group_norm(self.norm_groups, self.norm_eps, name="group_norm")(x)
+            x = GroupNorm(self.norm_groups, self.norm_eps, name="group_norm")(x)
             x = x.reshape(b, h * w, c)
         inner = self.heads * self.head_dim
         context = x if context is None else context

@@ -9,7 +9,7 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sdjax.models.layers import constrain, conv, dense, group_norm
+from sdjax.models.layers import GroupNorm, constrain, conv, dense
 
 
 class ResnetBlock(nn.Module):
@@ -22,12 +22,12 @@ class ResnetBlock(nn.Module):
 
     @nn.compact
     def __call__(self, x, temb=None):
-        h = nn.silu(group_norm(self.groups, self.eps, name="norm1")(x))
+        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm1")(x))
         h = conv(self.out_channels, 3, name="conv1", dtype=self.dtype)(h)
         if temb is not None:
             t = dense(self.out_channels, ("embed", "conv_out"), name="time_emb_proj")(nn.silu(temb))
             h = h + t[:, None, None, :].astype(h.dtype)
-        h = nn.silu(group_norm(self.groups, self.eps, name="norm2")(h))
+        h = nn.silu(GroupNorm(self.groups, self.eps, name="norm2")(h))
         h = conv(self.out_channels, 3, name="conv2", dtype=self.dtype)(h)
         if x.shape[-1] != self.out_channels:
             x = conv(self.out_channels, 1, name="conv_shortcut", dtype=self.dtype)(x)

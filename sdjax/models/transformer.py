@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from sdjax.models.adapter import GatedSelfAttention
 from sdjax.models.attention import Attention, FeedForward
-from sdjax.models.layers import constrain, conv, dense, group_norm, layer_norm
+from sdjax.models.layers import GroupNorm, constrain, conv, dense, layer_norm
 
 
 class BasicTransformerBlock(nn.Module):
@@ -59,7 +59,7 @@ class Transformer2D(nn.Module):
     def __call__(self, x, context, objs=None, probe=None):
         b, h, w, c = x.shape
         residual = x
-        x = group_norm(self.groups, 1e-6, name="norm")(x)
+        x = GroupNorm(self.groups, 1e-6, name="norm")(x)
         if self.linear_projection:
             x = dense(c, ("embed", "embed_out"), name="proj_in", dtype=self.dtype)(
                 x.reshape(b, h * w, c)

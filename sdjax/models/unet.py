@@ -16,7 +16,7 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from sdjax.models.layers import conv, dense, group_norm
+from sdjax.models.layers import GroupNorm, conv, dense
 from sdjax.models.resnet import Downsample, ResnetBlock, Upsample
 from sdjax.models.transformer import Transformer2D
 from sdjax.models.unet_config import UNetConfig
@@ -149,7 +149,7 @@ class UNet(nn.Module):
                 name=f"up_blocks_{i}",
             )(x, temb, context, objs, probe, skips=skips)
 
-        x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x))
+        x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x))
         return conv(cfg.out_channels, 3, name="conv_out", dtype=dtype)(x).astype(jnp.float32)
 
 

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from sdjax.errors import UserError
 from sdjax.models.attention import Attention
-from sdjax.models.layers import conv, group_norm
+from sdjax.models.layers import GroupNorm, conv
 from sdjax.models.resnet import Downsample, ResnetBlock, Upsample
 
 _DOWN_BLOCK = "DownEncoderBlock2D"
@@ -174,7 +174,7 @@ class _ResnetStack(nn.Module):
 
 def _norm_act_conv(config: VAEConfig, x, out_channels: int, dtype):
     """The shared tail of the encoder and decoder: GroupNorm, SiLU, 3x3 conv."""
-    x = nn.silu(group_norm(config.norm_num_groups, _EPS, name="conv_norm_out")(x))
+    x = nn.silu(GroupNorm(config.norm_num_groups, _EPS, name="conv_norm_out")(x))
     return conv(out_channels, 3, name="conv_out", dtype=dtype)(x)
 
 
