@@ -14,10 +14,12 @@ every other token, so its embedding table has K+1 rows instead of 49,408.
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -25,6 +27,99 @@ from sdjax.errors import UserError
 
 PLACEHOLDER = "sks"
 BUILTIN_VOCAB = os.path.join(os.path.dirname(__file__), "assets", "clip_tokenizer")
+
+
+# CLIP's word splitter: contractions, letter runs, single digits, punctuation runs
+CLIP_WORDS = r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+SPECIAL_TOKENS = {
+    "bos": "<|startoftext|>",
+    "eos": "<|endoftext|>",
+    "pad": "<|endoftext|>",  # Stable Diffusion 2's tokenizer folder says "!"
+}
+
+
+@dataclass(frozen=True)
+class ClipBPE:
+    """CLIP's byte-level BPE on the `tokenizers` library (ids equal transformers'
+    `CLIPTokenizerFast`, tested; transformers itself is not imported, which would load
+    PyTorch where it is installed: 4 s and 270 MB). Text is NFC-normalised, whitespace
+    runs become one space, lower-cased, split into words, digits and punctuation, mapped
+    to bytes, and each word is BPE-merged with "</w>" marking its end."""
+
+    encoder: Any  # tokenizers.Tokenizer
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @property
+    def size(self) -> int:
+        return self.encoder.get_vocab_size(with_added_tokens=True)
+
+    @staticmethod
+    def load(folder: str) -> ClipBPE:
+        """From a tokenizer folder: vocab.json and merges.txt, and the special tokens of
+        tokenizer_config.json / special_tokens_map.json where present."""
+        from tokenizers import AddedToken, Regex, normalizers, pre_tokenizers
+        from tokenizers import Tokenizer as Encoder
+        from tokenizers.models import BPE
+
+        vocab_file, merges_file = (os.path.join(folder, f) for f in ("vocab.json", "merges.txt"))
+        for path in (vocab_file, merges_file):
+            if not os.path.isfile(path):
+                raise UserError(f"tokenizer file missing: {path}")
+        with open(vocab_file, encoding="utf-8") as f:
+            vocab = json.load(f)
+        with open(merges_file, encoding="utf-8") as f:
+            lines = f.read().splitlines()
+        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#")]
+        specials = {**SPECIAL_TOKENS, **_special_tokens(folder)}
+        for name, token in specials.items():
+            if token not in vocab:
+                raise UserError(f"{folder}: the {name} token {token!r} is not in vocab.json")
+        encoder = Encoder(
+            BPE(
+                vocab,
+                merges,
+                unk_token=SPECIAL_TOKENS["eos"],
+                continuing_subword_prefix="",
+                end_of_word_suffix="</w>",
+                fuse_unk=False,
+            )
+        )
+        encoder.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
+        )
+        encoder.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(CLIP_WORDS), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False),
+            ]
+        )
+        encoder.add_special_tokens(
+            [AddedToken(specials[k], normalized=True, special=True) for k in ("bos", "eos")]
+        )
+        return ClipBPE(encoder, *(vocab[specials[k]] for k in ("bos", "eos", "pad")))
+
+
+def _special_tokens(folder: str) -> dict[str, str]:
+    """bos/eos/pad tokens named by a tokenizer folder's JSON files (later files win)."""
+    found = {}
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        path = os.path.join(folder, name)
+        if not os.path.isfile(path):
+            continue
+        try:
+            with open(path, encoding="utf-8") as f:
+                fields = json.load(f)
+        except (OSError, ValueError) as err:
+            raise UserError(f"cannot read {path}: {err}") from None
+        for key in SPECIAL_TOKENS:
+            token = fields.get(f"{key}_token")
+            if isinstance(token, dict):
+                token = token.get("content")
+            if isinstance(token, str):
+                found[key] = token
+    return found
 
 
 @dataclass(frozen=True)
@@ -58,17 +153,8 @@ class Tokenizer:
     max_length: int = 77
 
     @cached_property
-    def _bpe(self):
-        from transformers import CLIPTokenizerFast
-
-        folder = self.folder or BUILTIN_VOCAB
-        files = [os.path.join(folder, f) for f in ("vocab.json", "merges.txt")]
-        for path in files:
-            if not os.path.isfile(path):
-                raise UserError(f"tokenizer file missing: {path}")
-        if self.folder and os.path.isfile(os.path.join(folder, "tokenizer_config.json")):
-            return CLIPTokenizerFast.from_pretrained(folder)
-        return CLIPTokenizerFast(vocab_file=files[0], merges_file=files[1])
+    def _bpe(self) -> ClipBPE:
+        return ClipBPE.load(self.folder or BUILTIN_VOCAB)
 
     @cached_property
     def _compact(self) -> dict[int, int] | None:
@@ -80,7 +166,7 @@ class Tokenizer:
     def vocab_size(self) -> int:
         """Rows the text encoder's token embedding needs."""
         if self.vocab_subset is None:
-            return len(self._bpe)
+            return self._bpe.size
         return len(self.vocab_subset) + 1  # + the id of every unknown token
 
     @property
@@ -89,7 +175,7 @@ class Tokenizer:
 
     def clip_ids(self, text: str) -> list[int]:
         """CLIP BPE ids of `text`, without begin/end tokens."""
-        return self._bpe(text, add_special_tokens=False).input_ids
+        return self._bpe.encoder.encode(text, add_special_tokens=False).ids
 
     def _map(self, ids: Sequence[int]) -> list[int]:
         if self._compact is None:
@@ -109,7 +195,7 @@ class Tokenizer:
     def _frame(self, body: list[int]) -> np.ndarray:
         """[BOS] body [EOS] [PAD]... as int32 `[max_length]`."""
         bpe = self._bpe
-        bos, eos, pad = self._map([bpe.bos_token_id, bpe.eos_token_id, bpe.pad_token_id])
+        bos, eos, pad = self._map([bpe.bos_id, bpe.eos_id, bpe.pad_id])
         ids = [bos, *body, eos]
         return np.asarray(ids + [pad] * (self.max_length - len(ids)), np.int32)
 
@@ -148,7 +234,7 @@ class Tokenizer:
         template's words, the placeholder and the special tokens)."""
         full = Tokenizer(max_length=max_length)
         bpe = full._bpe
-        needed = {bpe.bos_token_id, bpe.eos_token_id, bpe.pad_token_id}
+        needed = {bpe.bos_id, bpe.eos_id, bpe.pad_id}
         for word in [*words, *template("", ["x"]).replace(",", " , ").split()]:
             needed.update(full.clip_ids(word))
         return Tokenizer(vocab_subset=tuple(sorted(needed)), max_length=max_length)
