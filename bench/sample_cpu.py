@@ -6,7 +6,9 @@ one prompt with subjects, S DDIM steps, three-branch guidance (text 7.5, image 1
 
   sdjax  `sdjax.sample(pipeline, prompt, subjects, seed=..., num_steps=S, num_images=B)`:
          one jitted call (subject encoder, fusion text encoder, GroundingNet, S steps of
-         one UNet call on a 3B batch + the DDIM update, clipping to uint8), PIL images out.
+         one UNet call on a 3B batch + the DDIM update, clipping to uint8), PIL images out;
+         set up as `sdjax sample` runs: one JAX CPU device per core
+         (`sdjax.parallel.cpu.use_cpu_cores`), the batch split across them.
   torch  `sdjax.torch_modules.TorchSubjectDiffusion` on the exported folder: the same
          computation in PyTorch eager: transformers CLIP towers, diffusers
          `UNet2DConditionModel` with its gated adapters (attention_type "gated") on the same
@@ -159,13 +161,16 @@ class SdjaxSampler(Sampler):
     side = "sdjax"
 
     def load(self, folder: str, cases: list[dict], steps: int, batch: int) -> dict:
+        from sdjax.parallel.cpu import use_cpu_cores
+
+        devices = use_cpu_cores()
         cold_compiles()
         self.clock = CompileClock()
         from sdjax.pipeline import load_pipeline
 
         self.pipeline = load_pipeline(os.path.join(folder, "pipeline"))
         self.cases, self.steps, self.batch = cases, steps, batch
-        return {}
+        return {"cpu_devices": devices}
 
     def _sample(self, index: int) -> np.ndarray:
         return sample_case(self.pipeline, self.cases[index], self.steps, self.batch)

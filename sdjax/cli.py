@@ -13,8 +13,12 @@ from sdjax.errors import UserError
 from sdjax.eval.dreambench import add_parser as add_dreambench_parser
 from sdjax.eval.toy import add_parser as add_toy_eval_parser
 from sdjax.export_cli import add_parser as add_export_parser
+from sdjax.parallel.cpu import use_cpu_cores
 from sdjax.sample_cli import add_parser as add_sample_parser
 from sdjax.train.cli import add_parser as add_train_parser
+
+# Commands that sample: on CPU they split each batch over one device per core.
+SAMPLING_COMMANDS = ("sample", "demo", "eval")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         "JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.expanduser("~"), ".cache", "sdjax", "jax")
     )
     args = build_parser().parse_args(argv)
+    if args.command in SAMPLING_COMMANDS:
+        use_cpu_cores()
     try:
         return args.run(args) or 0
     except UserError as err:

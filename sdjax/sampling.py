@@ -4,7 +4,8 @@ Everything after input preparation runs in ONE jitted call per batch: subject en
 the fusion text encoder, GroundingNet, the whole DDIM loop with three-branch guidance
 (one UNet call per step on a 3B batch), and decoding. Prompts, subjects, seeds, scales
 and the interpolation step are traced arguments, so only a new shape (batch, resolution,
-step count) compiles again.
+step count) compiles again. On CPU the batch is split evenly over the JAX CPU devices
+(`split_devices`; the CLI makes one per core).
 
 Text-image interpolation (paper eq. 4): the first `subject_fraction` of the steps use the
 subjects; the rest use the plain prompt with no subject conditioning.
@@ -22,6 +23,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from PIL import Image
 
 from sdjax.conditioning import auto_boxes, check_box, mask_box, reference_image
@@ -133,6 +136,20 @@ def initial_noise(config: ModelConfig, rng, batch: int):
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
+def split_devices(batch: int) -> list:
+    """The devices a batch of `batch` images is split over: on CPU the most local devices
+    that divide it evenly (one per core under the CLI: `use_cpu_cores`), elsewhere one.
+
+    On CPU, XLA's threads gain nothing on the small ops of a toy-size UNet, while devices
+    run their shares of a batch side by side (BENCHMARKS.md, "Performance work").
+    """
+    devices = jax.local_devices()
+    if devices[0].platform != "cpu":
+        return devices[:1]
+    count = math.gcd(batch, len(devices))
+    return devices[:count]
+
+
 @partial(jax.jit, static_argnames=("config", "num_steps"))
 def generate(
     config: ModelConfig, num_steps: int, params, inputs, rng, text_scale, image_scale, subject_steps
@@ -142,15 +159,52 @@ def generate(
     inputs (B images, N slots, L tokens, S encoder size): ids / plain_ids / empty_ids
     int32 `[B, L]`, placeholders int32 `[B, N]`, valid / use_box bool `[B, N]`, refs
     `[B, N, S, S, 3]`, boxes `[B, N, 4]`. subject_steps: steps (from the first) that use
-    the subjects. rng: a PRNG key; image b starts from noise of `fold_in(rng, b)`.
+    the subjects. rng: a PRNG key; image b starts from noise of `fold_in(rng, b)`. The
+    batch is split evenly over `split_devices(B)`; every image's result is its own.
     """
+    batch = inputs["valid"].shape[0]
+    x_T = initial_noise(config, rng, batch)
+    run = partial(_generate_from, config, num_steps)
+    devices = split_devices(batch)
+    if len(devices) > 1:
+        run = jax.shard_map(
+            run,
+            mesh=Mesh(np.asarray(devices), ("batch",)),
+            in_specs=(P(), P("batch"), P("batch"), P(), P(), P()),
+            out_specs=P("batch"),
+        )
+    return run(params, inputs, x_T, text_scale, image_scale, subject_steps)
+
+
+def _generate_from(
+    config: ModelConfig, num_steps: int, params, inputs, x_T, text_scale, image_scale, subject_steps
+):
+    """`generate` for the images whose starting noise is x_T `[B, h, h, C]`."""
     patches, cls = encode_subjects(config, params, inputs["refs"])
-    valid = inputs["valid"]
-    ctx_subject = encode_prompt(config, params, inputs["ids"], cls, inputs["placeholders"], valid)
-    ctx_plain = encode_prompt(config, params, inputs["plain_ids"])
-    ctx_empty = encode_prompt(config, params, inputs["empty_ids"])
-    objs = ground(config, params, patches, inputs["boxes"], valid, inputs["use_box"])
-    null_objs = ground(config, params, patches, inputs["boxes"], valid & False, valid & False)
+    valid, none = inputs["valid"], inputs["valid"] & False
+    # One text-encoder pass for the three prompts and one GroundingNet pass for the
+    # subjects and their null tokens: each model is compiled once, not two or three times.
+    ctx_subject, ctx_plain, ctx_empty = split_branches(
+        encode_prompt(
+            config,
+            params,
+            stack_branches(inputs["ids"], inputs["plain_ids"], inputs["empty_ids"]),
+            stack_branches(cls, cls, cls),
+            stack_branches(*[inputs["placeholders"]] * 3),
+            stack_branches(valid, none, none),
+        )
+    )
+    objs, null_objs = split_branches(
+        ground(
+            config,
+            params,
+            stack_branches(patches, patches),
+            stack_branches(inputs["boxes"], inputs["boxes"]),
+            stack_branches(valid, none),
+            stack_branches(inputs["use_box"], none),
+        ),
+        count=2,
+    )
     loc = subject_location(config, inputs["boxes"], valid)
     no_loc = jnp.zeros_like(loc)  # a dropped location mask is all zeros (SPEC 3a)
 
@@ -170,7 +224,6 @@ def generate(
         )
         return three_branch_guidance(*split_branches(out), text_scale, image_scale)
 
-    x_T = initial_noise(config, rng, valid.shape[0])
     x0 = sample_loop_indexed(guided, x_T, num_steps=num_steps, schedule=config.noise.schedule())
     images = to_images(config, params, x0)
     return jnp.round((images + 1.0) * 127.5).astype(jnp.uint8)

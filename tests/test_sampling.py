@@ -2,13 +2,17 @@
 
 import dataclasses
 import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from tiny import tiny_pipeline
 
 import sdjax
+import sdjax.sampling as sampling
 from sdjax.cli import main
 from sdjax.errors import UserError
 from sdjax.pipeline import load_pipeline, save_pipeline
@@ -79,6 +83,33 @@ def test_same_seed_same_images_other_seed_differs(pipe):
 def test_each_image_of_a_batch_gets_its_own_noise(pipe):
     images = run(pipe, num_images=2)
     assert np.abs(images[0].astype(int) - images[1]).max() > 0
+
+
+def test_a_batch_split_over_cpu_devices_gives_the_images_of_one_device(pipe, monkeypatch):
+    assert len(sampling.split_devices(2)) == 2  # conftest: 8 CPU devices
+    assert len(sampling.split_devices(3)) == 1 and len(sampling.split_devices(12)) == 4
+    split = run(pipe, num_images=2, seed=5)
+    monkeypatch.setattr(sampling, "split_devices", lambda batch: jax.local_devices()[:1])
+    generate.clear_cache()
+    try:
+        whole = run(pipe, num_images=2, seed=5)
+    finally:
+        generate.clear_cache()  # the next call traces again, with the real split
+    assert np.abs(split.astype(int) - whole).max() <= 1
+
+
+def test_use_cpu_cores_gives_one_device_per_core_before_jax_starts():
+    code = (
+        "import os, jax; from sdjax.parallel.cpu import use_cpu_cores;"
+        "n = use_cpu_cores(); print(n, len(jax.devices()), len(os.sched_getaffinity(0)),"
+        " use_cpu_cores())"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
+    n, devices, cores, again = out.stdout.split()
+    assert n == devices == cores and again == "None"
 
 
 def test_subject_fraction_zero_ignores_the_subjects(pipe):

@@ -20,7 +20,7 @@ def three_branch_guidance(eps_text, eps_image, eps_uncond, text_scale, image_sca
 
 
 def stack_branches(*branches):
-    """Concatenate per-branch inputs `[B, ...]` into one batch `[3B, ...]`."""
+    """Concatenate per-branch inputs `[B, ...]` into one batch `[count*B, ...]`."""
     return jnp.concatenate(branches, axis=0)
 
 
