@@ -150,7 +150,13 @@ def split_devices(batch: int) -> list:
     return devices[:count]
 
 
-@partial(jax.jit, static_argnames=("config", "num_steps"))
+# XLA's CPU fusion emitters take about 200 MB more memory to compile the sampler, for no
+# speed (BENCHMARKS.md, "Sampler on CPU"); other backends ignore the option.
+@partial(
+    jax.jit,
+    static_argnames=("config", "num_steps"),
+    compiler_options={"xla_cpu_use_fusion_emitters": False},
+)
 def generate(
     config: ModelConfig, num_steps: int, params, inputs, rng, text_scale, image_scale, subject_steps
 ):

@@ -5,6 +5,8 @@
 - `attach_grounding(unet)`: diffusers' gated UNet runs its `position_net` on
   `cross_attention_kwargs["gligen"]`; this replaces it so `{"gligen": {"objs": objs}}`
   passes GroundingNet's tokens straight to the adapters.
+- `location_mask`: `sdjax.conditioning.location_mask` in PyTorch, so sampling an export
+  needs no JAX.
 - `TorchSubjectDiffusion`: the whole sampler (subjects -> CLS/patches, fusion text
   encoder, GroundingNet, DDIM with three-branch guidance, decode) in PyTorch, for
   inputs prepared by `sdjax.sampling.prepare_inputs`.
@@ -95,6 +97,17 @@ def attach_grounding(unet) -> None:
     unet.position_net = _PassObjs()
 
 
+def location_mask(boxes: torch.Tensor, valid: torch.Tensor, size: int) -> torch.Tensor:
+    """1 outside every valid box, 0 inside any: boxes `[B, N, 4]`, valid `[B, N]` ->
+    float32 `[B, 1, size, size]` (NCHW). A pixel is inside when its centre is."""
+    centres = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    x1, y1, x2, y2 = (boxes[..., k, None, None] for k in range(4))  # [B, N, 1, 1]
+    inside_x = (centres[None, None, None, :] >= x1) & (centres[None, None, None, :] < x2)
+    inside_y = (centres[None, None, :, None] >= y1) & (centres[None, None, :, None] < y2)
+    inside = inside_x & inside_y & valid[..., None, None]  # [B, N, size, size]
+    return torch.prod(1.0 - inside.float(), dim=1)[:, None]
+
+
 class TorchSubjectDiffusion:
     """An exported model folder, sampled in PyTorch (float32)."""
 
@@ -150,8 +163,6 @@ class TorchSubjectDiffusion:
     ) -> np.ndarray:
         """inputs: numpy dict of `sdjax.sampling.prepare_inputs` batched `[B, ...]`; x_T
         NHWC noise. Returns uint8 images `[B, R, R, 3]`."""
-        from sdjax.conditioning import location_mask
-
         t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in inputs.items()}
         b, n = t["valid"].shape
         refs = t["refs"].flatten(0, 1).permute(0, 3, 1, 2)
@@ -166,9 +177,7 @@ class TorchSubjectDiffusion:
         objs = self.grounding(patches, t["boxes"], t["valid"], t["use_box"])
         none = torch.zeros_like(t["valid"])
         null_objs = self.grounding(patches, t["boxes"], none, none)
-        size = x_T.shape[1]
-        loc = torch.from_numpy(np.array(location_mask(inputs["boxes"], inputs["valid"], size)))
-        loc = loc.permute(0, 3, 1, 2)
+        loc = location_mask(t["boxes"], t["valid"], x_T.shape[1])
         x = torch.from_numpy(np.ascontiguousarray(x_T)).permute(0, 3, 1, 2)
         subject_steps = num_steps if subject_steps is None else subject_steps
         self.scheduler.set_timesteps(num_steps)

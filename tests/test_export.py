@@ -8,10 +8,12 @@ from parity import assert_parity
 from tiny import pipeline_for, tiny_config, tiny_latent_config
 
 import sdjax
+from sdjax.conditioning import location_mask
 from sdjax.export import export_pipeline
 from sdjax.model import ground
 from sdjax.sampling import generate, initial_noise, prepare_inputs
 from sdjax.torch_modules import TorchSubjectDiffusion, load_cls_mlp, load_grounding
+from sdjax.torch_modules import location_mask as torch_location_mask
 
 STEPS = 4
 
@@ -53,6 +55,22 @@ def test_grounding_and_cls_mlp_match_in_pytorch(exported):
     with torch.no_grad():
         ref = load_cls_mlp(f"{folder}/cls_mlp")(torch.from_numpy(cls))
     assert_parity(ours, ref.numpy())
+
+
+def test_location_mask_matches_in_pytorch():
+    boxes = np.array(
+        [
+            [[0.1, 0.1, 0.6, 0.5], [0.4, 0.3, 0.9, 0.93], [0.0, 0.0, 1.0, 1.0]],
+            [[0.21, 0.2, 0.8, 0.77], [0.0, 0.0, 0.5, 0.5], [0.5, 0.5, 1.0, 1.0]],
+            [[0.0, 0.0, 1.0, 1.0]] * 3,
+        ],
+        np.float32,
+    )  # x1, y1, x2, y2; the third box of image 0 and all of image 2 are not valid
+    valid = np.array([[True, True, False], [True, False, False], [False, False, False]])
+    ours = np.asarray(location_mask(boxes, valid, 16))[..., 0]
+    theirs = torch_location_mask(torch.from_numpy(boxes), torch.from_numpy(valid), 16)
+    np.testing.assert_array_equal(ours, theirs[:, 0].numpy())
+    assert 0 < ours[0].mean() < 1 and ours[2].min() == 1
 
 
 def test_exported_model_samples_the_same_images_in_pytorch(exported):
