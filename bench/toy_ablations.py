@@ -6,9 +6,10 @@ method switched off, trained with the same budget and measured with `sdjax eval 
 
 Every row trains in ROOT/ROW (rerunning resumes: a finished row is not retrained, a
 finished evaluation is not rerun), then the script prints a Markdown table of the toy
-metrics beside the sign of the paper's DINO change for the same ablation, and writes it
-to ROOT/ablations.md and ROOT/ablations.json. Each row at the default budget takes about
-as long as the embedded model's training (BENCHMARKS.md).
+metrics beside the sign of the paper's DINO change for the same ablation, and a second
+one of colour, toy-CLIP and IoU split by one and two subjects (as the paper reports),
+and writes them to ROOT/ablations.md and ROOT/ablations.json. Each row at the default
+budget takes about as long as the embedded model's training (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def train_and_evaluate(row: str, args) -> dict:
             result,
         )
     with open(result) as f:
-        return json.load(f)["metrics"]["model"]
+        return json.load(f)
 
 
 def table(results: dict) -> str:
@@ -105,6 +106,36 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n\n(+)/(-): better/worse than the full method on that metric.\n"
 
 
+# the paper reports one- and two-subject results apart; `sdjax eval toy` cases of each kind
+SUBJECT_KINDS = {
+    1: ("one subject, auto", "one subject, box"),
+    2: ("two subjects, auto", "two subjects, box"),
+}
+SPLIT_METRICS = ("colour", "clip_i", "iou")
+
+
+def subject_split(by_kind: dict) -> dict:
+    """metric -> [one-subject, two-subject] model score: the mean over the auto-box and
+    given-box cases of that subject count (an eval.json's `by_kind`)."""
+    return {
+        m: [
+            sum(by_kind[k]["model"][m] for k in kinds) / len(kinds)
+            for kinds in SUBJECT_KINDS.values()
+        ]
+        for m in SPLIT_METRICS
+    }
+
+
+def split_table(splits: dict) -> str:
+    """row -> `subject_split` as a Markdown table."""
+    head = "| row | " + " | ".join(f"{m} (1 / 2 subjects)" for m in SPLIT_METRICS) + " |"
+    lines = [head, "|" + "---|" * (len(SPLIT_METRICS) + 1)]
+    for row, split in splits.items():
+        cells = [f"{one:.3f} / {two:.3f}" for one, two in (split[m] for m in SPLIT_METRICS)]
+        lines.append(f"| {row} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--data", required=True, help="toy records (sdjax data toy)")
@@ -122,8 +153,10 @@ def main(argv=None) -> int:
     if unknown:
         p.error(f"unknown rows {unknown}; choose from {list(ROWS)}")
     os.makedirs(args.root, exist_ok=True)
-    results = {row: train_and_evaluate(row, args) for row in rows}
-    text = table(results)
+    evaluations = {row: train_and_evaluate(row, args) for row in rows}
+    results = {row: e["metrics"]["model"] for row, e in evaluations.items()}
+    splits = {row: subject_split(e["by_kind"]) for row, e in evaluations.items()}
+    text = table(results) + "\n" + split_table(splits)
     print(text)
     with open(os.path.join(args.root, "ablations.md"), "w") as f:
         f.write(
@@ -131,7 +164,11 @@ def main(argv=None) -> int:
             f"{args.text_scale} / {args.image_scale}\n\n{text}"
         )
     with open(os.path.join(args.root, "ablations.json"), "w") as f:
-        json.dump({"steps": args.steps, "cases": args.cases, "rows": results}, f, indent=1)
+        json.dump(
+            {"steps": args.steps, "cases": args.cases, "rows": results, "by_subjects": splits},
+            f,
+            indent=1,
+        )
     return 0
 
 

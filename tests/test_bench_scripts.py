@@ -122,6 +122,17 @@ def test_ablation_table_marks_each_row_against_the_full_method(tmp_path):
     assert columns["colour"] == "0.400 (-)" and columns["swap"] == "0.600 (-)"
     assert columns["leak"] == "0.400 (+)" and columns["shape"] == "0.500"
     assert columns["paper"] == "-0.177 / -0.095"
+    by_kind = {
+        kind: {"model": {"colour": c, "clip_i": 0.2, "iou": 0.5}}
+        for kind, c in zip(
+            [k for kinds in toy_ablations.SUBJECT_KINDS.values() for k in kinds], [1, 0.5, 0, 0.25]
+        )
+    }
+    split = toy_ablations.subject_split(by_kind)
+    assert split["colour"] == [0.75, 0.125] and split["iou"] == [0.5, 0.5]
+    assert "| full | 0.750 / 0.125 | 0.200 / 0.200 | 0.500 / 0.500 |" in (
+        toy_ablations.split_table({"full": split})
+    )
     with pytest.raises(SystemExit):
         toy_ablations.main(
             [
