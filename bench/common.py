@@ -270,6 +270,7 @@ def synthetic_batch(model, batch: int, seed: int = 0) -> dict:
         "placeholders": np.broadcast_to(1 + np.arange(n), (batch, n)),
         "label_positions": np.broadcast_to(1 + n + np.arange(n), (batch, n)),
         "masks": inside_y[..., :, None] & inside_x[..., None, :],
+        "regions": inside_y[..., :, None] & inside_x[..., None, :],
         "drop_text": np.zeros(batch, bool),
         "drop_loc": np.zeros(batch, bool),
         "drop_objs": np.zeros(batch, bool),

@@ -35,9 +35,18 @@ def get_config():
         max_subjects=2,
         grounding_hidden=1024,
         single_subject_box=False,  # the authors drop box coordinates for one subject
+        region_attention=True,  # beyond the paper: subjects' tokens bound to their regions
     )
     c.init = dict(pretrained="", image_encoder="")
-    c.data = dict(path="", describe_prob=1.0, p_text=0.05, p_both=0.05, p_mask=0.05, worker_count=8)
+    c.data = dict(
+        path="",
+        describe_prob=1.0,
+        p_text=0.05,
+        p_both=0.05,
+        p_mask=0.05,
+        region_box_prob=0.25,
+        worker_count=8,
+    )
     c.train = dict(
         num_steps=300_000,
         batch_size=256,

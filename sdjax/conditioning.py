@@ -7,7 +7,10 @@
   reference's aspect ratio, not overlapping.
 - `location_mask` (jnp, inside jit): the UNet's extra input channel (SPEC 3a): 1 outside
   every subject box, 0 inside any: boxes `[B, N, 4]` in [0, 1] -> `[B, h, w, 1]`.
-Boxes are `(x1, y1, x2, y2)` fractions of the output image.
+- `subject_region`: where a subject may be drawn, for region-bound attention: its box, or
+  its reference mask fitted into the box -> float32 `[h, w]`.
+Boxes are `(x1, y1, x2, y2)` fractions of the output image; a pixel is in a box when its
+centre is.
 """
 
 from __future__ import annotations
@@ -67,6 +70,34 @@ def check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
     if x2 <= x1 or y2 <= y1:
         raise UserError(f"box {list(box)} needs x1 < x2 and y1 < y2")
     return x1, y1, x2, y2
+
+
+def box_pixels(box, size: int) -> np.ndarray:
+    """bool `[size, size]`: pixels whose centre lies in the box (as the location mask)."""
+    centres = (np.arange(size) + 0.5) / size
+    inside_x = (centres >= box[0]) & (centres < box[2])
+    inside_y = (centres >= box[1]) & (centres < box[3])
+    return inside_y[:, None] & inside_x[None, :]
+
+
+def subject_region(box, size: int, silhouette: np.ndarray | None = None) -> np.ndarray:
+    """float32 `[size, size]` in {0, 1}: the box's pixels, or with `silhouette` (the
+    subject's reference mask cropped to the mask's box, bool `[h, w]`) that silhouette
+    stretched over them. Never empty: a box between pixel centres keeps its nearest pixel."""
+    inside = box_pixels(box, size)
+    if not inside.any():
+        row = min(int((box[1] + box[3]) / 2 * size), size - 1)
+        col = min(int((box[0] + box[2]) / 2 * size), size - 1)
+        inside[row, col] = True
+    if silhouette is None:
+        return inside.astype(np.float32)
+    rows, cols = np.flatnonzero(inside.any(axis=1)), np.flatnonzero(inside.any(axis=0))
+    fitted = Image.fromarray(silhouette.astype(np.float32), "F").resize(
+        (len(cols), len(rows)), Image.BILINEAR
+    )
+    region = np.zeros((size, size), np.float32)
+    region[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1] = np.asarray(fitted) >= 0.5
+    return region if region.any() else inside.astype(np.float32)
 
 
 def auto_boxes(aspects: Sequence[float], fill: float = 0.75) -> list[tuple[float, ...]]:

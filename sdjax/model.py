@@ -8,7 +8,9 @@ trainer (B batch, N subject slots, S encoder image size, L tokens, h latent size
     encode_subjects(refs [B,N,S,S,3])            -> patches [B,N,P,Dp], cls [B,N,Di]
     encode_prompt(ids [B,L], cls, positions, valid) -> context [B,L,Dt]
     ground(patches, boxes [B,N,4], valid, use_box) -> objs [B,N*P,Dc]
-    denoise(x_t [B,h,h,C], t [B], context, objs, loc [B,h,h,1], probe) -> output [B,h,h,C]
+    subject_regions(masks [B,N,h,h], objs_bound [B,N], placeholders, labels, text_bound) -> Regions
+    denoise(x_t [B,h,h,C], t [B], context, objs, loc [B,h,h,1], probe, regions)
+        -> output [B,h,h,C]
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from sdjax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from sdjax.models.clip_text import TextEncoder
 from sdjax.models.clip_vision import ImageEncoder
 from sdjax.models.grounding import ClsMLP, GroundingNet
+from sdjax.models.regions import Regions, token_subjects
 from sdjax.models.unet import UNet
 from sdjax.models.unet_config import UNetConfig
 from sdjax.models.vae import AutoencoderKL, VAEConfig
@@ -67,6 +70,10 @@ class ModelConfig:
     (off: the channel is always the dropped, all-zero mask); box_coordinates gives
     GroundingNet the boxes (off: never); cls_feature fuses each subject's CLS embedding at
     its placeholder token (off: the text encoder reads the prompt alone).
+
+    region_attention (beyond the paper; `sdjax.models.regions`): each subject's grounding
+    tokens and its placeholder and label tokens are attended only inside its region.
+    Off in models saved before it existed; the configs turn it on.
     """
 
     unet: UNetConfig
@@ -85,6 +92,7 @@ class ModelConfig:
     location_control: bool = True
     box_coordinates: bool = True
     cls_feature: bool = True
+    region_attention: bool = False
 
     def __post_init__(self):
         channels = self.vae.latent_channels if self.vae else 3
@@ -238,17 +246,37 @@ def subject_location(config: ModelConfig, boxes, valid):
     return loc if config.location_control else jnp.zeros_like(loc)
 
 
-def denoise(config: ModelConfig, params, x_t, t, context, objs, loc, probe=None):
+def subject_regions(config: ModelConfig, masks, objs_bound, placeholders, labels, text_bound):
+    """The subjects' regions for region-bound attention, or None in a model without it.
+
+    masks `[B, N, h, h]` (each subject's region at the latent size), objs_bound `[B, N]`
+    (its grounding tokens are real, not null), placeholders / labels `[B, N]` (its token
+    positions) and text_bound `[B, N]` (they are in the prompt)."""
+    if not config.region_attention:
+        return None
+    tokens = token_subjects(placeholders, labels, text_bound, config.text.max_position_embeddings)
+    return Regions(masks.astype(jnp.float32), objs_bound, tokens)
+
+
+def denoise(config: ModelConfig, params, x_t, t, context, objs, loc, probe=None, regions=None):
     """The UNet on [x_t, location mask]: `[B, h, h, C]` -> model output `[B, h, h, C]`.
 
     With `probe` (int `[B, K]` token positions) also returns the sown cross-attention maps.
+    `regions` (`subject_regions`, or None) binds the subjects' tokens to their regions.
     """
     unet = modules(config)["unet"]
     sample = jnp.concatenate([x_t, loc.astype(x_t.dtype)], axis=-1)
     if probe is None:
-        return unet.apply({"params": params["unet"]}, sample, t, context, objs)
+        return unet.apply({"params": params["unet"]}, sample, t, context, objs, regions=regions)
     return unet.apply(
-        {"params": params["unet"]}, sample, t, context, objs, probe, mutable=["attn_probs"]
+        {"params": params["unet"]},
+        sample,
+        t,
+        context,
+        objs,
+        probe,
+        regions,
+        mutable=["attn_probs"],
     )
 
 

@@ -27,7 +27,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from sdjax.conditioning import auto_boxes, check_box, mask_box, reference_image
+from sdjax.conditioning import auto_boxes, check_box, mask_box, reference_image, subject_region
 from sdjax.diffusion.ddim import sample_loop_indexed
 from sdjax.diffusion.guidance import split_branches, stack_branches, three_branch_guidance
 from sdjax.errors import UserError
@@ -38,6 +38,7 @@ from sdjax.model import (
     encode_subjects,
     ground,
     subject_location,
+    subject_regions,
     to_images,
 )
 from sdjax.pipeline import Pipeline
@@ -96,7 +97,7 @@ def prepare_inputs(pipeline: Pipeline, prompt: str, subjects: Sequence[Subject])
         )
     n, size = config.max_subjects, config.image.image_size
     refs = np.zeros((n, size, size, 3), np.float32)
-    boxes, aspects = [], []
+    boxes, aspects, silhouettes = [], [], []
     for i, subject in enumerate(subjects):
         if not subject.label or not subject.label.strip():
             raise UserError(f"subject {i + 1} has an empty label")
@@ -109,20 +110,25 @@ def prepare_inputs(pipeline: Pipeline, prompt: str, subjects: Sequence[Subject])
         refs[i] = reference_image(image, mask, size, config.image.mean, config.image.std)
         x1, y1, x2, y2 = mask_box(mask)
         aspects.append((x2 - x1) / (y2 - y1))
+        silhouettes.append(None if subject.mask is None else mask[y1:y2, x1:x2])
         boxes.append(None if subject.box is None else check_box(subject.box))
     placed = auto_boxes(aspects, pipeline.config.auto_box_fill) if subjects else []
     box_array = np.zeros((n, 4), np.float32)
+    regions = np.zeros((n, config.latent_size, config.latent_size), np.float32)
     for i, box in enumerate(boxes):
         box_array[i] = box if box is not None else placed[i]
+        regions[i] = subject_region(box_array[i], config.latent_size, silhouettes[i])
     labels = [s.label.strip() for s in subjects]
     tokens = tok.prompt(prompt, labels, n)
     use_box = tokens.valid & (len(subjects) > 1 or config.single_subject_box)
     return {
         "ids": tokens.ids,
         "placeholders": tokens.placeholder_positions,
+        "label_positions": tokens.label_positions,
         "valid": tokens.valid,
         "refs": refs,
         "boxes": box_array,
+        "regions": regions,
         "use_box": use_box,
         "plain_ids": tok.plain(prompt),
         "empty_ids": tok.plain(""),
@@ -162,9 +168,10 @@ def generate(
 ):
     """Sample images for a batch of prepared inputs -> uint8 `[B, R, R, 3]`.
 
-    inputs (B images, N slots, L tokens, S encoder size): ids / plain_ids / empty_ids
-    int32 `[B, L]`, placeholders int32 `[B, N]`, valid / use_box bool `[B, N]`, refs
-    `[B, N, S, S, 3]`, boxes `[B, N, 4]`. subject_steps: steps (from the first) that use
+    inputs (B images, N slots, L tokens, S encoder size, h latent size): ids / plain_ids /
+    empty_ids int32 `[B, L]`, placeholders / label_positions int32 `[B, N]`, valid /
+    use_box bool `[B, N]`, refs `[B, N, S, S, 3]`, boxes `[B, N, 4]`, regions `[B, N, h, h]`
+    (`conditioning.subject_region`). subject_steps: steps (from the first) that use
     the subjects. rng: a PRNG key; image b starts from noise of `fold_in(rng, b)`. The
     batch is split evenly over `split_devices(B)`; every image's result is its own.
     """
@@ -213,12 +220,22 @@ def _generate_from(
     )
     loc = subject_location(config, inputs["boxes"], valid)
     no_loc = jnp.zeros_like(loc)  # a dropped location mask is all zeros (SPEC 3a)
+    # Branches [text + subjects | empty text + subjects | unconditional]: the subjects'
+    # tokens are bound to their regions where they are present.
+    positions = inputs["placeholders"], inputs["label_positions"]
+
+    def bound(objs_valid, text_valid):
+        return subject_regions(config, inputs["regions"], objs_valid, *positions, text_valid)
 
     def guided(x, t, i):
         with_subjects = i < subject_steps
         ctx = jnp.where(with_subjects, ctx_subject, ctx_plain)
         o = jnp.where(with_subjects, objs, null_objs)
         lm = jnp.where(with_subjects, loc, no_loc)
+        on = valid & with_subjects
+        regions = jax.tree.map(
+            lambda *r: stack_branches(*r), bound(on, on), bound(on, none), bound(none, none)
+        )
         out = denoise(
             config,
             params,
@@ -227,6 +244,7 @@ def _generate_from(
             stack_branches(ctx, ctx_empty, ctx_empty),
             stack_branches(o, o, null_objs),
             stack_branches(lm, lm, no_loc),
+            regions=regions,
         )
         return three_branch_guidance(*split_branches(out), text_scale, image_scale)
 

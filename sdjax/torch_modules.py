@@ -7,6 +7,9 @@
   passes GroundingNet's tokens straight to the adapters.
 - `location_mask`: `sdjax.conditioning.location_mask` in PyTorch, so sampling an export
   needs no JAX.
+- `RegionBinding`: region-bound attention (`sdjax.models.regions`) as diffusers attention
+  processors on the adapters' and the cross-attention layers, for models exported with
+  `region_attention` (`sdjax.json` says so).
 - `TorchSubjectDiffusion`: the whole sampler (subjects -> CLS/patches, fusion text
   encoder, GroundingNet, DDIM with three-branch guidance, decode) in PyTorch, for
   inputs prepared by `sdjax.sampling.prepare_inputs`.
@@ -108,6 +111,89 @@ def location_mask(boxes: torch.Tensor, valid: torch.Tensor, size: int) -> torch.
     return torch.prod(1.0 - inside.float(), dim=1)[:, None]
 
 
+def token_subjects(placeholders, labels, valid, length: int) -> torch.Tensor:
+    """int64 `[B, L]`: subject k at its placeholder and label positions (`[B, N]` each) where
+    valid, -1 elsewhere (`sdjax.models.regions.token_subjects`)."""
+    positions = torch.cat([placeholders, labels], dim=1).long()  # [B, 2N]
+    n = placeholders.shape[1]
+    owner = torch.cat([torch.arange(n), torch.arange(n)])
+    hit = (torch.arange(length)[None, None, :] == positions[:, :, None]) & torch.cat(
+        [valid, valid], dim=1
+    )[:, :, None]
+    return torch.where(hit, owner[None, :, None], -1).amax(dim=1)
+
+
+def region_cells(masks: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """bool `[B, N, height*width]` from regions `[B, N, m, m]` (`regions.region_cells`)."""
+    b, n, mh, mw = masks.shape
+    blocks = masks.reshape(b, n, height, mh // height, width, mw // width)
+    return (blocks.amax(dim=(3, 5)) >= 0.5).reshape(b, n, height * width)
+
+
+def _grid(tokens: int) -> tuple[int, int]:
+    side = int(round(tokens**0.5))
+    return side, side
+
+
+class RegionBinding:
+    """The subjects' regions of the current UNet call, read by `RegionProcessor`s.
+
+    `regions` is (masks float `[B, N, m, m]`, objs bool `[B, N]`, tokens int `[B, L]`), as
+    `sdjax.models.regions.Regions`, or None (every token seen everywhere)."""
+
+    def __init__(self, num_objs: int):
+        self.num_objs = num_objs  # grounding tokens per image (N * P)
+        self.regions = None
+
+    def adapter_mask(self, length: int) -> torch.Tensor:
+        """bool `[B, T+O, T+O]` (`regions.adapter_mask`) for T+O = `length` tokens."""
+        masks, objs, _ = self.regions
+        o = self.num_objs
+        t = length - o
+        cells = region_cells(masks, *_grid(t))
+        b, n = objs.shape
+        seen = (cells | ~objs[:, :, None]).transpose(1, 2).repeat_interleave(o // n, dim=2)
+        visual = torch.cat([torch.ones(b, t, t, dtype=torch.bool), seen], dim=2)
+        return torch.cat([visual, torch.ones(b, o, t + o, dtype=torch.bool)], dim=1)
+
+    def cross_mask(self, length: int) -> torch.Tensor:
+        """bool `[B, T, L]` (`regions.cross_mask`) for T = `length` visual positions."""
+        masks, _, owner = self.regions
+        cells = region_cells(masks, *_grid(length)).transpose(1, 2)  # [B, T, N]
+        index = owner.clamp(min=0)[:, None, :].expand(-1, length, -1)
+        return torch.gather(cells, 2, index) | (owner < 0)[:, None, :]
+
+    def attach(self, unet) -> None:
+        """Install `RegionProcessor`s on every adapter (fuser) and cross-attention."""
+        for name, module in unet.named_modules():
+            if name.endswith(".fuser"):
+                module.attn.set_processor(RegionProcessor(self, "adapter"))
+            elif name.endswith(".attn2"):
+                module.set_processor(RegionProcessor(self, "cross"))
+
+
+class RegionProcessor:
+    """diffusers' scaled-dot-product processor with the region mask as an additive bias."""
+
+    def __init__(self, binding: RegionBinding, kind: str):
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.base, self.binding, self.kind = AttnProcessor2_0(), binding, kind
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kw):
+        if self.binding.regions is not None:
+            length = hidden_states.shape[1]
+            mask = (
+                self.binding.adapter_mask(length)
+                if self.kind == "adapter"
+                else self.binding.cross_mask(length)
+            )
+            attention_mask = torch.zeros(mask.shape, dtype=hidden_states.dtype).masked_fill(
+                ~mask, torch.finfo(hidden_states.dtype).min
+            )
+        return self.base(attn, hidden_states, encoder_hidden_states, attention_mask, **kw)
+
+
 class TorchSubjectDiffusion:
     """An exported model folder, sampled in PyTorch (float32)."""
 
@@ -130,6 +216,14 @@ class TorchSubjectDiffusion:
         self.grounding = load_grounding(sub("grounding"))
         self.cls_mlp = load_cls_mlp(sub("cls_mlp"))
         self.scheduler = DDIMScheduler.from_pretrained(sub("scheduler"))
+        with open(sub("sdjax.json")) as f:
+            self.config = json.load(f)["model"]
+        self.binding = None
+        if self.config.get("region_attention"):
+            image = self.config["image"]
+            patches = (image["image_size"] // image["patch_size"]) ** 2
+            self.binding = RegionBinding(self.config["max_subjects"] * patches)
+            self.binding.attach(self.unet)
 
     def encode_prompt(self, ids, embeds=None, positions=None, valid=None):
         """Fusion text encoder: placeholder token embeddings replaced by `embeds`."""
@@ -150,6 +244,21 @@ class TorchSubjectDiffusion:
         finally:
             if hook is not None:
                 hook.remove()
+
+    def _regions(self, t: dict, on: torch.Tensor, none: torch.Tensor):
+        """The three guidance branches' regions (as `sdjax.sampling`): [text + subjects |
+        empty text + subjects | unconditional]."""
+        length = t["ids"].shape[1]
+
+        def tokens(valid):
+            return token_subjects(t["placeholders"], t["label_positions"], valid, length)
+
+        masks = t["regions"].float()
+        return (
+            torch.cat([masks, masks, masks]),
+            torch.cat([on, on, none]),
+            torch.cat([tokens(on), tokens(none), tokens(none)]),
+        )
 
     @torch.no_grad()
     def __call__(
@@ -184,6 +293,8 @@ class TorchSubjectDiffusion:
         for i, step in enumerate(self.scheduler.timesteps):
             on = i < subject_steps
             ctx, o, lm = (ctx_subject, objs, loc) if on else (ctx_plain, null_objs, 0 * loc)
+            if self.binding is not None:
+                self.binding.regions = self._regions(t, t["valid"] & on, none)
             sample = torch.cat(
                 [torch.cat([x, lm], 1), torch.cat([x, lm], 1), torch.cat([x, 0 * loc], 1)]
             )
@@ -196,6 +307,8 @@ class TorchSubjectDiffusion:
             e_t, e_i, e_u = out.chunk(3)
             eps = e_u + text_scale * (e_t - e_i) + image_scale * (e_i - e_u)
             x = self.scheduler.step(eps, step, x).prev_sample
+        if self.binding is not None:
+            self.binding.regions = None
         if self.vae is not None:
             x = self.vae.decode(x / self.vae.config.scaling_factor).sample
         images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)

@@ -1,5 +1,7 @@
 """Export to PyTorch: the exported folder samples the same images in PyTorch as sdjax."""
 
+import tempfile
+
 import jax
 import numpy as np
 import pytest
@@ -27,9 +29,16 @@ def subjects():
     ]
 
 
-@pytest.fixture(scope="module", params=["pixels", "latents"])
+CONFIGS = {
+    "pixels": tiny_config,
+    "latents": tiny_latent_config,
+    "regions": lambda: tiny_config(region_attention=True),
+}
+
+
+@pytest.fixture(scope="module", params=list(CONFIGS))
 def exported(request, tmp_path_factory):
-    config = tiny_config() if request.param == "pixels" else tiny_latent_config()
+    config = CONFIGS[request.param]()
     pipe = pipeline_for(config, seed=2)
     folder = str(tmp_path_factory.mktemp(f"export_{request.param}"))
     export_pipeline(pipe, folder)
@@ -86,3 +95,37 @@ def test_exported_model_samples_the_same_images_in_pytorch(exported):
     # uint8 images: float32 differences may flip a rounding, never more than a level or two.
     assert np.abs(ours.astype(int) - theirs).max() <= 2
     assert ours.std() > 1.0  # not a constant image
+
+
+@pytest.mark.parametrize("exported", ["regions"], indirect=True)
+def test_region_binding_reaches_the_exported_unet(exported):
+    """The PyTorch processors bind each subject to its region: with the binding, a subject's
+    grounding tokens change the UNet's output less than without (they reach fewer places)."""
+    pipe, folder = exported
+    model = TorchSubjectDiffusion(folder)
+    gen = torch.Generator().manual_seed(0)
+    sample = torch.randn(1, 4, 16, 16, generator=gen)
+    ctx = torch.randn(1, 24, 16, generator=gen)
+    objs = torch.randn(1, 8, 16, generator=gen)
+    moved = objs.clone()
+    moved[:, 4:] = torch.randn(1, 4, 16, generator=gen)  # subject 1's tokens
+    masks = torch.zeros(1, 2, 16, 16)
+    masks[0, 0, :8, :8] = 1.0
+    masks[0, 1, 8:, 8:] = 1.0
+    tokens = torch.full((1, 24), -1)
+
+    def change(regions):
+        model.binding.regions = regions
+        with torch.no_grad():
+            a, b = (
+                model.unet(sample, 10, ctx, cross_attention_kwargs={"gligen": {"objs": o}}).sample
+                for o in (objs, moved)
+            )
+        return (a - b).abs().amax(dim=1)[0]  # [H, W]
+
+    free = change(None)
+    bound = change((masks, torch.tensor([[True, True]]), tokens))
+    model.binding.regions = None
+    assert free.min() > 0 and bound.max() > 0
+    # Subject 1's region is the bottom-right quarter: farthest from it, the change shrinks.
+    assert bound[:4, :4].mean() < 0.5 * free[:4, :4].mean()

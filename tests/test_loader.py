@@ -9,6 +9,7 @@ import pytest
 from PIL import Image
 from tiny import tiny_config
 
+from sdjax.conditioning import box_pixels
 from sdjax.data import toy
 from sdjax.data.loader import LoaderConfig, _from_jsonable, _jsonable, make_loader
 from sdjax.data.records import Record, Subject, encode_image, encode_mask, image_array
@@ -102,6 +103,7 @@ def test_batches_follow_the_contract(scenes):
         "placeholders": ((BATCH, n), np.int32),
         "label_positions": ((BATCH, n), np.int32),
         "masks": ((BATCH, n, CONFIG.latent_size, CONFIG.latent_size), np.float32),
+        "regions": ((BATCH, n, CONFIG.latent_size, CONFIG.latent_size), np.float32),
         "drop_text": ((BATCH,), np.bool_),
         "drop_loc": ((BATCH,), np.bool_),
         "drop_objs": ((BATCH,), np.bool_),
@@ -122,6 +124,19 @@ def test_batches_follow_the_contract(scenes):
     # References: subjects on white, normalised with the encoder's mean and std.
     white = (1.0 - np.asarray(CONFIG.image.mean)) / np.asarray(CONFIG.image.std)
     assert np.isclose(batch["refs"][valid], white, atol=1e-5).all(-1).mean() > 0.2
+
+
+def test_regions_are_the_masks_or_the_boxes(scenes):
+    masks = _examples(_loader(scenes, num_epochs=1))
+    assert np.array_equal(masks["regions"], masks["masks"])  # region_box_prob = 0
+    mixed = _examples(_loader(scenes, num_epochs=1, region_box_prob=0.5))
+    m, valid = CONFIG.latent_size, mixed["valid"]
+    boxed = [not np.array_equal(r, k) for r, k in zip(mixed["regions"], mixed["masks"])]
+    assert 0.25 < np.mean(boxed) < 0.75
+    for regions, boxes, slots in zip(mixed["regions"][boxed], mixed["boxes"][boxed], valid[boxed]):
+        for region, box in zip(regions[slots], boxes[slots]):
+            assert np.array_equal(region, box_pixels(box, m))
+        assert not regions[~slots].any()
 
 
 def test_masks_lie_in_their_boxes(scenes):

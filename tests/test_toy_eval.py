@@ -16,7 +16,7 @@ from sdjax.conditioning import mask_box
 from sdjax.data.toy import PALETTE, ToyWorld, render_subject
 from sdjax.errors import UserError
 from sdjax.eval.toy import add_parser, evaluate_toy
-from sdjax.eval.toy_cases import make_cases, render_target
+from sdjax.eval.toy_cases import exchange_boxes, make_cases, render_target
 from sdjax.eval.toy_classifier import (
     ClassifierConfig,
     load_classifier,
@@ -31,6 +31,7 @@ from sdjax.eval.toy_metrics import (
     chance_iou,
     foreground,
     measure,
+    obedience,
     reference_table,
     subject_mask,
     summarise,
@@ -69,8 +70,16 @@ def classifier():
 
 
 @pytest.fixture(scope="module")
-def table(pipe):
-    return reference_table(pipe, WORLD)
+def shipped():
+    """The embedded model: its toy CLIP image encoder gives the metrics' embeddings."""
+    from sdjax.pipeline import load_pipeline
+
+    return load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def table(shipped):
+    return reference_table(shipped, WORLD)
 
 
 def boxed_cases(n=8, seed=0):
@@ -118,39 +127,56 @@ def test_shipped_classifier_reads_every_shape_colour_and_pattern(classifier):
     assert not classifier.predict(images[:1], [[0.0, 0.0, 0.2, 0.2]])[0]["present"]
 
 
-def test_rendered_targets_score_perfectly(pipe, classifier, table):
+def test_rendered_targets_score_perfectly(shipped, classifier, table):
     cases = boxed_cases()
     images = np.stack([render_target(WORLD, c, c.boxes, R) for c in cases])
-    got = scores(pipe, classifier, table, cases, images)
+    got = scores(shipped, classifier, table, cases, images)
     for key in ("shape", "colour", "pattern", "all", "present", "background"):
         assert got[key] == 1.0, key
-    assert got["swap"] == 0.0 and got["leak"] == 0.0
+    assert got["swap"] == 0.0 and got["leak"] == 0.0 and got["identity"] == 1.0
     assert got["iou"] > 0.85
-    assert got["clip_i"] > 0.99
+    assert got["clip_i"] > 0.9  # the toy CLIP of the shipped model (chance about 0.02)
 
 
-def test_blank_images_score_nothing(pipe, classifier, table):
+def test_blank_images_score_nothing(shipped, classifier, table):
     cases = boxed_cases()
     images = np.stack([np.full((R, R, 3), PALETTE[c.background], np.uint8) for c in cases])
-    got = scores(pipe, classifier, table, cases, images)
+    got = scores(shipped, classifier, table, cases, images)
     for key in ("shape", "colour", "pattern", "all", "present", "iou", "swap", "leak"):
         assert got[key] == 0.0, key
     assert got["background"] == 1.0
 
 
-def test_swapped_and_leaked_subjects(pipe, classifier, table):
+def test_swapped_and_leaked_subjects(shipped, classifier, table):
     cases = [c for c in boxed_cases() if len(c.subjects) == 2]
     # Each subject drawn in the other's box: every box shows the other's looks.
     swapped = np.stack([render_target(WORLD, c, c.boxes[::-1], R) for c in cases])
-    got = scores(pipe, classifier, table, cases, swapped)
+    got = scores(shipped, classifier, table, cases, swapped)
     assert got["swap"] == 1.0 and got["leak"] == 0.0 and got["colour"] == 0.0
+    assert got["identity"] == 0.0
     # The first subject drawn in both boxes.
     leaked = [
         render_target(WORLD, dataclasses.replace(c, subjects=c.subjects[:1] * 2), c.boxes, R)
         for c in cases
     ]
-    got = scores(pipe, classifier, table, cases, np.stack(leaked))
+    got = scores(shipped, classifier, table, cases, np.stack(leaked))
     assert got["leak"] == 1.0 and got["swap"] == 0.5
+
+
+def test_box_obedience_reads_who_follows_the_exchanged_boxes(shipped, classifier, table):
+    cases = [c for c in boxed_cases() if len(c.subjects) == 2]
+    exchanged = [exchange_boxes(c) for c in cases]
+    assert all(x.boxes == c.boxes[::-1] for x, c in zip(exchanged, cases))
+
+    def obeyed(drawn_cases):
+        images = np.stack([render_target(WORLD, c, c.boxes, R) for c in drawn_cases])
+        boxes = [list(c.boxes) for c in exchanged]
+        return obedience(
+            exchanged, measure(shipped, classifier, exchanged, boxes, images, table, WORLD)
+        )
+
+    assert obeyed(exchanged) == 1.0  # each subject drawn in its new box
+    assert obeyed(cases) == 0.0  # each drawn where it was before the exchange
 
 
 def test_segmentation_boxes_and_background():
@@ -189,7 +215,8 @@ def test_evaluate_toy_end_to_end(pipe, classifier, tmp_path):
                 assert -1.0 <= value <= 1.0, (system, key)
     assert metrics["chance"]["colour"] == 1 / len(WORLD.colours)
     assert metrics["target"]["background"] == 1.0
-    assert len(report["by_kind"]) == 4 and len(report["cases"]) == 4
+    assert len(report["by_kind"]) == 5 and len(report["cases"]) == 4  # + boxes exchanged
+    assert len(report["exchanged"]) == 1 and metrics["target"]["obedience"] == 1.0
     first = report["cases"][0]
     assert first["prompt"].endswith("background") and len(first["model"]["subjects"]) == 1
     json.dumps(report)

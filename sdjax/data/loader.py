@@ -7,7 +7,7 @@
 
 Each process gets `batch_size` examples per batch (its local share of the global batch),
 shaped as `sdjax.data.transforms` describes (image, refs, boxes, valid, use_box, ids,
-placeholders, label_positions, masks, drop_text / drop_loc / drop_objs, noise_seed).
+placeholders, label_positions, masks, regions, drop_text / drop_loc / drop_objs, noise_seed).
 
 The grain graph: RecordSource -> seed -> shuffle (a fresh permutation per epoch) ->
 random_map(ExampleTransform) -> [process_index::process_count] -> repeat(num_epochs) ->
@@ -38,7 +38,15 @@ if TYPE_CHECKING:
 
 STATE_FORMAT = "sdjax-loader-1"
 _INT_KEYS = "__int_keys__"  # JSON objects only have string keys; grain's state has int keys
-_PROBABILITIES = ("describe_prob", "p_text", "p_both", "p_mask", "hflip_prob", "perspective_prob")
+_PROBABILITIES = (
+    "describe_prob",
+    "p_text",
+    "p_both",
+    "p_mask",
+    "hflip_prob",
+    "perspective_prob",
+    "region_box_prob",
+)
 _MINIMA = {"rotate_degrees": 0.0, "worker_count": 0, "read_threads": 1, "prefetch_buffer": 1}
 
 
@@ -49,7 +57,8 @@ class LoaderConfig:
     path: record folder. describe_prob: share of toy examples captioned with colours and
     patterns. p_text / p_both / p_mask: classifier-free-guidance drop rates (SPEC 4).
     hflip_prob, rotate_degrees, perspective (torchvision's distortion_scale),
-    perspective_prob: reference augmentation. shuffle: a new permutation each epoch.
+    perspective_prob: reference augmentation. region_box_prob: share of examples whose
+    attention regions are their boxes, not their masks. shuffle: a new permutation each epoch.
     worker_count: grain worker processes (0: threads in this process). read_threads /
     prefetch_buffer: threads and elements read ahead per process or worker.
     """
@@ -63,6 +72,7 @@ class LoaderConfig:
     rotate_degrees: float = 10.0
     perspective: float = 0.5
     perspective_prob: float = 0.5
+    region_box_prob: float = 0.0
     shuffle: bool = True
     worker_count: int = 0
     read_threads: int = 4

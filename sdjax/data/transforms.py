@@ -6,7 +6,8 @@ slots, R output size, M mask size, S image-encoder size, L tokens:
 
     image [R,R,3] f32 in [-1,1]     refs [N,S,S,3] f32        boxes [N,4] f32 xyxy in [0,1]
     valid, use_box [N] bool         ids [L] i32               placeholders, label_positions [N] i32
-    masks [N,M,M] f32 in [0,1]      drop_text, drop_loc, drop_objs: bool scalars
+    masks [N,M,M] f32 in [0,1]      regions [N,M,M] f32 in [0,1]    (the masks, or the boxes)
+    drop_text, drop_loc, drop_objs: bool scalars
     noise_seed: int32 scalar (the train step's per-example noise and timestep)
 
 Empty slots are zeros. The steps (SPEC 5, "Preprocessing"): keep the best-scoring
@@ -14,7 +15,9 @@ subjects; a random square crop holding all their boxes, resized to R; references
 the uncropped image and mask, augmented (flip, rotation, torchvision-style perspective,
 white fill), resized to S and normalised; the caption (toy records: usually without the
 colours and patterns, so appearance must come from the reference); the placeholder prompt;
-classifier-free-guidance drops.
+classifier-free-guidance drops; the regions for region-bound attention: the subjects'
+masks, or with probability `region_box_prob` their boxes (what the sampler binds a subject
+given without a mask to).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from sdjax.conditioning import WHITE, normalise, segment_square
+from sdjax.conditioning import WHITE, normalise, segment_square, subject_region
 from sdjax.data import toy
 from sdjax.data.records import Record, Subject, image_array, mask_array
 from sdjax.tokenizer import Tokenizer
@@ -232,6 +235,11 @@ class ExampleTransform(grain.transforms.RandomMap):
         # Seeds this example's diffusion noise and timestep in the train step, so they
         # follow the example, not its position in a (per-process) batch.
         example["noise_seed"] = np.int32(rng.integers(0, 2**31 - 1))
+        example["regions"] = example["masks"]
+        if rng.random() < cfg.region_box_prob:
+            example["regions"] = np.zeros_like(example["masks"])
+            for slot in range(len(labels)):
+                example["regions"][slot] = subject_region(example["boxes"][slot], geo.mask_size)
         return example
 
     def _empty_slots(self) -> dict[str, np.ndarray]:

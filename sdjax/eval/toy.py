@@ -38,10 +38,17 @@ def generate_cases(
 ) -> dict:
     """Make `n_cases` toy cases and sample them: `world`, `cases`, `boxes` (the boxes the
     sampler used, per case), `images` (system -> uint8 `[n, R, R, 3]`: model, text_only,
-    target), `references` (per case, its subjects' reference images), `settings` and
-    `seconds` (the sampling's wall time)."""
+    target), `references` (per case, its subjects' reference images), `exchanged` (the
+    two-subject cases with boxes, their boxes exchanged, and their `images`), `settings`
+    and `seconds` (the sampling's wall time)."""
     from sdjax.data.toy import ToyWorld
-    from sdjax.eval.toy_cases import case_subjects, generate_images, make_cases, subject_render
+    from sdjax.eval.toy_cases import (
+        case_subjects,
+        exchange_boxes,
+        generate_images,
+        make_cases,
+        subject_render,
+    )
     from sdjax.sampling import check_settings, guidance_scales, prepare_inputs
 
     check_settings(steps, text_scale, image_scale, 1, 1.0)
@@ -54,14 +61,23 @@ def generate_cases(
     cases = make_cases(world, n_cases, seed, pipeline.config.max_subjects)
     inputs = [prepare_inputs(pipeline, c.prompt, case_subjects(world, c)) for c in cases]
     boxes = [inp["boxes"][: len(c.subjects)].tolist() for c, inp in zip(cases, inputs)]
+    exchanged = [exchange_boxes(c) for c in cases if len(c.subjects) == 2 and c.boxes]
+    x_inputs = [prepare_inputs(pipeline, c.prompt, case_subjects(world, c)) for c in exchanged]
     start = time.perf_counter()
     images = generate_images(pipeline, world, cases, inputs, boxes, settings, progress, desc)
+    x_images = {}
+    if exchanged:
+        x_boxes = [list(c.boxes) for c in exchanged]
+        x_images = generate_images(
+            pipeline, world, exchanged, x_inputs, x_boxes, settings, progress, f"{desc} (x)"
+        )
     return {
         "world": world,
         "cases": cases,
         "boxes": boxes,
         "images": images,
         "references": [[subject_render(world, a)[0] for a in c.subjects] for c in cases],
+        "exchanged": {"cases": exchanged, "images": x_images},
         "settings": settings,
         "seconds": time.perf_counter() - start,
     }
@@ -85,12 +101,17 @@ def evaluate_toy(pipeline, *, classifier=None, sheet: str | None = None, **gener
         k: tm.measure(pipeline, classifier, cases, boxes, v, table, world)
         for k, v in run["images"].items()
     }
+    x_cases = run["exchanged"]["cases"]
+    x_measured = {
+        k: tm.measure(pipeline, classifier, x_cases, [c.boxes for c in x_cases], v, table, world)
+        for k, v in run["exchanged"]["images"].items()
+    }
     if sheet:
         tm.write_sheet(sheet, cases, boxes, run["images"], run["references"])
     seconds = {"generate": run["seconds"], "measure": time.perf_counter() - start}
     return {
         "settings": run["settings"],
-        **tm.report(world, cases, boxes, measured, table),
+        **tm.report(world, cases, boxes, measured, table, (x_cases, x_measured)),
         "seconds": seconds,
     }
 

@@ -8,6 +8,7 @@ draws a case as a perfect model would (the subjects' renders resized into their 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -88,6 +89,11 @@ def make_cases(world: ToyWorld, n: int, seed: int, max_subjects: int = 2) -> lis
         background = str(rng.choice(world.backgrounds))
         cases.append(Case(subjects, background, _place(world, subjects, rng) if boxed else None))
     return cases
+
+
+def exchange_boxes(case: Case) -> Case:
+    """A two-subject case with its two requested boxes exchanged (box obedience)."""
+    return dataclasses.replace(case, boxes=case.boxes[::-1])
 
 
 def case_subjects(world: ToyWorld, case: Case) -> list:

@@ -19,9 +19,14 @@ unless said.
 - swap / leak (two-subject cases, whose subjects differ in colour and pattern; lower is
   better): a box reads as the other subject's colour or pattern (per box); both boxes
   read as the same colour or the same pattern (per case).
+- identity (two-subject cases, per subject): the generated subject's toy-CLIP embedding is
+  nearer its own reference than its partner's.
+- obedience (two-subject cases with boxes, generated again with the two boxes exchanged;
+  per subject): the subject's new box reads as its own colour, i.e. it followed its box.
 Chance: 1/|vocabulary| (all three: 1/|combinations|); iou of a box of the same size placed
 uniformly in the image; clip_i to a random other toy subject of the same size; background
-1/|backgrounds|; swap and leak for independent uniform colour and pattern guesses.
+1/|backgrounds|; swap and leak for independent uniform colour and pattern guesses;
+identity 1/2 (one of the two); obedience 1/|colours|.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from scipy import ndimage
 
-from sdjax.conditioning import mask_box, normalise, reference_image
+from sdjax.conditioning import box_pixels, mask_box, normalise, reference_image
 from sdjax.data.toy import PALETTE, ToyWorld
 from sdjax.eval.toy_cases import Case, render, subject_key
 from sdjax.model import encode_subjects
@@ -52,16 +57,10 @@ METRICS = {  # key -> table label
     "background": "background as prompted",
     "swap": "swap rate (lower is better)",
     "leak": "leak rate (lower is better)",
+    "identity": "own identity, two subjects",
+    "obedience": "box obedience (boxes exchanged)",
 }
 ATTRIBUTES = ("shape", "colour", "pattern")
-
-
-def box_pixels(box, size: int) -> np.ndarray:
-    """bool `[size, size]`: pixels whose centre lies in the box (as the location mask)."""
-    centres = (np.arange(size) + 0.5) / size
-    inside_x = (centres >= box[0]) & (centres < box[2])
-    inside_y = (centres >= box[1]) & (centres < box[3])
-    return inside_y[:, None] & inside_x[None, :]
 
 
 def foreground(image: np.ndarray, background: str) -> np.ndarray:
@@ -147,8 +146,9 @@ def reference_table(pipeline, world: ToyWorld) -> dict[tuple, np.ndarray]:
 
 
 def measure(pipeline, classifier, cases, boxes, images, table, world) -> list[dict]:
-    """Per case: each subject's classifier reading, found box, IoU and clip_i, and the
-    background colour read off the image."""
+    """Per case: each subject's classifier reading, found box, IoU, clip_i (and with two
+    subjects clip_partner, the similarity to the other's reference), and the background
+    colour read off the image."""
     pairs = [(i, j) for i, case in enumerate(cases) for j in range(len(case.subjects))]
     readings = classifier.predict(
         np.stack([images[i] for i, _ in pairs]), np.stack([boxes[i][j] for i, j in pairs])
@@ -164,14 +164,16 @@ def measure(pipeline, classifier, cases, boxes, images, table, world) -> list[di
     ]
     for (i, j), reading, mask, unit in zip(pairs, readings, masks, embeds):
         found = None if not mask.any() else [v / mask.shape[0] for v in mask_box(mask)]
-        out[i]["subjects"].append(
-            {
-                "reading": reading,
-                "found_box": found,
-                "iou": 0.0 if found is None else box_iou(found, boxes[i][j]),
-                "clip_i": float(unit @ table[subject_key(cases[i].subjects[j])]),
-            }
-        )
+        subjects = cases[i].subjects
+        row = {
+            "reading": reading,
+            "found_box": found,
+            "iou": 0.0 if found is None else box_iou(found, boxes[i][j]),
+            "clip_i": float(unit @ table[subject_key(subjects[j])]),
+        }
+        if len(subjects) == 2:
+            row["clip_partner"] = float(unit @ table[subject_key(subjects[1 - j])])
+        out[i]["subjects"].append(row)
     return out
 
 
@@ -204,10 +206,25 @@ def summarise(cases: list[Case], measured: list[dict]) -> dict[str, float | None
     ]
     out["swap"] = float(np.mean(swaps)) if swaps else None
     out["leak"] = float(np.mean(leaks)) if leaks else None
+    own = [s["clip_i"] > s["clip_partner"] for _, s in rows if "clip_partner" in s]
+    out["identity"] = float(np.mean(own)) if own else None
     return out
 
 
-def chance(world: ToyWorld, cases: list[Case], boxes, table) -> dict[str, float | None]:
+def obedience(cases: list[Case], measured: list[dict]) -> float | None:
+    """Share of subjects whose box reads as their own colour, in cases generated with the
+    boxes exchanged (`cases` hold the exchanged boxes); None without such cases."""
+    follows = [
+        s["reading"]["colour"] == a["colour"]
+        for c, m in zip(cases, measured)
+        for a, s in zip(c.subjects, m["subjects"])
+    ]
+    return float(np.mean(follows)) if follows else None
+
+
+def chance(
+    world: ToyWorld, cases: list[Case], boxes, table, exchanged: bool = False
+) -> dict[str, float | None]:
     """The metrics of guessing (module docstring)."""
     subjects = [(a, b) for c, bs in zip(cases, boxes) for a, b in zip(c.subjects, bs)]
     nc, npat = len(world.colours), len(world.patterns)
@@ -230,13 +247,18 @@ def chance(world: ToyWorld, cases: list[Case], boxes, table) -> dict[str, float 
         "background": 1.0 / len(world.backgrounds),
         "swap": guess_match if two else None,
         "leak": guess_match if two else None,
+        "identity": 0.5 if two else None,
+        "obedience": 1.0 / nc if exchanged else None,
     }
 
 
-def report(world: ToyWorld, cases: list[Case], boxes, measured: dict, table) -> dict:
+def report(
+    world: ToyWorld, cases: list[Case], boxes, measured: dict, table, exchanged=None
+) -> dict:
     """`evaluate_toy`'s results: metrics (system -> metric -> value, chance included),
-    by_kind (kind -> system -> ...), cases (each with its readings per system).
-    measured: system -> `measure`'s list."""
+    by_kind (kind -> system -> ...), cases and exchanged (each case with its readings per
+    system). measured: system -> `measure`'s list; exchanged: (the two-subject cases with
+    their boxes exchanged, system -> `measure`'s list for them) or None."""
     by_kind = {}
     for kind in dict.fromkeys(c.kind for c in cases):
         pick = [i for i, c in enumerate(cases) if c.kind == kind]
@@ -245,13 +267,32 @@ def report(world: ToyWorld, cases: list[Case], boxes, measured: dict, table) -> 
             for k, m in measured.items()
         }
     metrics = {k: summarise(cases, m) for k, m in measured.items()}
-    metrics["chance"] = chance(world, cases, boxes, table)
-    records = [
+    x_cases, x_measured = exchanged or ([], {})
+    for system, values in metrics.items():
+        values["obedience"] = obedience(x_cases, x_measured.get(system, []))
+    if x_cases:
+        by_kind[EXCHANGED] = {
+            k: summarise(x_cases, m) | {"obedience": obedience(x_cases, m)}
+            for k, m in x_measured.items()
+        }
+    metrics["chance"] = chance(world, cases, boxes, table, bool(x_cases))
+    return {
+        "metrics": metrics,
+        "by_kind": by_kind,
+        "cases": _records(cases, boxes, measured),
+        "exchanged": _records(x_cases, [list(c.boxes) for c in x_cases], x_measured),
+    }
+
+
+EXCHANGED = "two subjects, boxes exchanged"
+
+
+def _records(cases, boxes, measured: dict) -> list[dict]:
+    return [
         {"prompt": c.prompt, "kind": c.kind, "subjects": list(c.subjects), "boxes": b}
         | {k: m[i] for k, m in measured.items()}
         for i, (c, b) in enumerate(zip(cases, boxes))
     ]
-    return {"metrics": metrics, "by_kind": by_kind, "cases": records}
 
 
 def markdown_table(report: dict) -> str:

@@ -31,17 +31,20 @@ def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal=False, imp
     return out.reshape(b, t, inner)
 
 
-def attention_probs(q, k, heads: int, columns):
+def attention_probs(q, k, heads: int, columns, mask=None):
     """Head-averaged softmax(q k^T / sqrt(d)) at chosen key columns, in float32.
 
     q `[B, T, H*d]`, k `[B, S, H*d]`, columns int `[B, K]` -> `[B, T, K]`.
-    The softmax runs over all S keys; only the K asked-for columns are kept.
+    The softmax runs over all S keys (those `mask` allows, as in `multi_head_attention`);
+    only the K asked-for columns are kept.
     """
     b, t, inner = q.shape
     d = inner // heads
     qh = q.reshape(b, t, heads, d).astype(jnp.float32)
     kh = k.reshape(b, k.shape[1], heads, d).astype(jnp.float32)
     logits = jnp.einsum("bthd,bshd->bhts", qh, kh) / jnp.sqrt(jnp.float32(d))
+    if mask is not None:
+        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     picked = jnp.take_along_axis(probs, columns[:, None, None, :], axis=-1)  # [B, H, T, K]
     return picked.mean(axis=1)
@@ -56,6 +59,9 @@ class Attention(nn.Module):
 
     With `norm_groups` set (the VAE mid-block form) x is an image `[B, H, W, D]`: it is
     group-normalised (`GroupNorm`), attended over its H*W positions, and added back.
+
+    `mask` (bool, broadcastable to `[B, H, T, S]`, True = attend) restricts which keys
+    each query sees (`sdjax.models.regions`).
     """
 
     heads: int
@@ -67,7 +73,7 @@ class Attention(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x, context=None, probe=None):
+    def __call__(self, x, context=None, probe=None, mask=None):
         if self.norm_groups is not None:
             residual = x
             b, h, w, c = x.shape
@@ -85,8 +91,10 @@ class Attention(nn.Module):
             context
         )
         if probe is not None:
-            self.sow("attn_probs", "probs", attention_probs(q, k, self.heads, probe))
-        out = multi_head_attention(q, k, v, self.heads, implementation=self.implementation)
+            self.sow("attn_probs", "probs", attention_probs(q, k, self.heads, probe, mask))
+        out = multi_head_attention(
+            q, k, v, self.heads, mask=mask, implementation=self.implementation
+        )
         out = constrain(out, ("batch", "length", "heads"))
         out = dense(x.shape[-1], ("heads", "embed"), name="to_out_0", dtype=self.dtype)(out)
         if self.norm_groups is not None:

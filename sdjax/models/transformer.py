@@ -9,7 +9,9 @@ image, plus the input (residual). Each `BasicTransformerBlock` is
     x = x + FF_GEGLU(LN3(x))
 
 `probe` (int `[B, K]`: text positions) makes the cross-attention sow its probabilities at
-those positions, `[B, H*W, K]`, for the attention-map loss.
+those positions, `[B, H*W, K]`, for the attention-map loss. `regions`
+(`sdjax.models.regions.Regions`) binds each subject's grounding and text tokens to its
+region in the fuser's and the cross-attention's softmax.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import jax.numpy as jnp
 from sdjax.models.adapter import GatedSelfAttention
 from sdjax.models.attention import Attention, FeedForward
 from sdjax.models.layers import GroupNorm, constrain, conv, dense, layer_norm
+from sdjax.models.regions import adapter_mask, cross_mask
 
 
 class BasicTransformerBlock(nn.Module):
@@ -30,15 +33,19 @@ class BasicTransformerBlock(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x, context, objs=None, probe=None):
+    def __call__(self, x, context, objs=None, probe=None, masks=(None, None)):
+        """masks: (the fuser's, the cross-attention's) region masks, or None each."""
         kw = dict(dtype=self.dtype, implementation=self.implementation)
+        objs_mask, text_mask = masks
         x = x + Attention(self.heads, self.head_dim, name="attn1", **kw)(
             layer_norm(1e-5, name="norm1")(x)
         )
         if self.adapter and objs is not None:
-            x = GatedSelfAttention(self.heads, self.head_dim, name="fuser", **kw)(x, objs)
+            x = GatedSelfAttention(self.heads, self.head_dim, name="fuser", **kw)(
+                x, objs, objs_mask
+            )
         x = x + Attention(self.heads, self.head_dim, name="attn2", **kw)(
-            layer_norm(1e-5, name="norm2")(x), context, probe=probe
+            layer_norm(1e-5, name="norm2")(x), context, probe=probe, mask=text_mask
         )
         x = x + FeedForward(dtype=self.dtype, name="ff")(layer_norm(1e-5, name="norm3")(x))
         return constrain(x, ("batch", "length", "embed"))
@@ -56,9 +63,16 @@ class Transformer2D(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x, context, objs=None, probe=None):
+    def __call__(self, x, context, objs=None, probe=None, regions=None):
         b, h, w, c = x.shape
         residual = x
+        masks = (None, None)
+        if regions is not None:
+            with_objs = self.adapter and objs is not None
+            masks = (
+                adapter_mask(regions, h, w, objs.shape[1]) if with_objs else None,
+                cross_mask(regions, h, w),
+            )
         x = GroupNorm(self.groups, 1e-6, name="norm")(x)
         if self.linear_projection:
             x = dense(c, ("embed", "embed_out"), name="proj_in", dtype=self.dtype)(
@@ -75,7 +89,7 @@ class Transformer2D(nn.Module):
                 dtype=self.dtype,
                 implementation=self.implementation,
                 name=f"transformer_blocks_{i}",
-            )(x, context, objs, probe)
+            )(x, context, objs, probe, masks)
         if self.linear_projection:
             x = dense(c, ("embed", "embed_out"), name="proj_out", dtype=self.dtype)(x).reshape(
                 b, h, w, c

@@ -1,11 +1,13 @@
 """The Subject-Diffusion UNet: diffusers' `UNet2DConditionModel` (SD 1.x / 2.x) in Flax.
 
-    UNet(config).apply({"params": p}, sample, timesteps, context, objs=None, probe=None)
+    UNet(config).apply({"params": p}, sample, timesteps, context, objs=None, probe=None,
+                       regions=None)
 
 sample `[B, H, W, C_in]` (C_in = 4 latents + 1 location channel for Subject-Diffusion),
 timesteps `[B]`, context `[B, L, D_ctx]` (text tokens), objs `[B, N, D_ctx]` grounding
 tokens for the adapters (None: adapters off), probe int `[B, K]` text positions whose
-cross-attention maps the `probe_layers` sow into the 'attn_probs' collection.
+cross-attention maps the `probe_layers` sow into the 'attn_probs' collection, regions
+(`sdjax.models.regions.Regions`, or None) the subjects' regions for region-bound attention.
 Returns the model output `[B, H, W, C_out]`. Module names mirror diffusers' keys.
 """
 
@@ -54,7 +56,7 @@ class UNetBlock(nn.Module):
     resample: str | None  # "down", "up" or None
 
     @nn.compact
-    def __call__(self, x, temb, context, objs, probe, skips=None):
+    def __call__(self, x, temb, context, objs, probe, regions, skips=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         resnet = nn.remat(ResnetBlock) if cfg.remat else ResnetBlock
@@ -66,7 +68,9 @@ class UNetBlock(nn.Module):
                 self.out_channels, cfg.norm_num_groups, cfg.norm_eps, dtype, name=f"resnets_{i}"
             )(x, temb)
             if self.attention:
-                x = self._transformer(f"attentions_{i}")(x, context, objs, self._probe(probe))
+                x = self._transformer(f"attentions_{i}")(
+                    x, context, objs, self._probe(probe), regions
+                )
             outputs.append(x)
         if self.resample == "down":
             x = Downsample(dtype=dtype, name="downsamplers_0")(x)
@@ -99,12 +103,12 @@ class MidBlock(UNetBlock):
     """diffusers `UNetMidBlock2DCrossAttn`: resnet, (transformer, resnet) x 1."""
 
     @nn.compact
-    def __call__(self, x, temb, context, objs, probe, skips=None):
+    def __call__(self, x, temb, context, objs, probe, regions, skips=None):
         cfg = self.config
         resnet = nn.remat(ResnetBlock) if cfg.remat else ResnetBlock
         args = (self.out_channels, cfg.norm_num_groups, cfg.norm_eps, jnp.dtype(cfg.dtype))
         x = resnet(*args, name="resnets_0")(x, temb)
-        x = self._transformer("attentions_0")(x, context, objs, self._probe(probe))
+        x = self._transformer("attentions_0")(x, context, objs, self._probe(probe), regions)
         return resnet(*args, name="resnets_1")(x, temb), []
 
 
@@ -112,7 +116,7 @@ class UNet(nn.Module):
     config: UNetConfig
 
     @nn.compact
-    def __call__(self, sample, timesteps, context, objs=None, probe=None):
+    def __call__(self, sample, timesteps, context, objs=None, probe=None, regions=None):
         cfg = self.config
         dtype = jnp.dtype(cfg.dtype)
         channels = cfg.block_out_channels
@@ -131,11 +135,11 @@ class UNet(nn.Module):
                 attention=kind.startswith("CrossAttn"),
                 resample="down" if i < levels - 1 else None,
                 name=f"down_blocks_{i}",
-            )(x, temb, context, objs, probe)
+            )(x, temb, context, objs, probe, regions)
             skips.extend(outs)
 
         x, _ = MidBlock(cfg, levels - 1, channels[-1], 1, True, None, name="mid_block")(
-            x, temb, context, objs, probe
+            x, temb, context, objs, probe, regions
         )
 
         for i, kind in enumerate(cfg.up_block_types):
@@ -147,7 +151,7 @@ class UNet(nn.Module):
                 attention=kind.startswith("CrossAttn"),
                 resample="up" if i < levels - 1 else None,
                 name=f"up_blocks_{i}",
-            )(x, temb, context, objs, probe, skips=skips)
+            )(x, temb, context, objs, probe, regions, skips=skips)
 
         x = nn.silu(GroupNorm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out")(x))
         return conv(cfg.out_channels, 3, name="conv_out", dtype=dtype)(x).astype(jnp.float32)

@@ -139,6 +139,7 @@ def batch_spec(model: ModelConfig, batch: int) -> dict:
         "placeholders": ((batch, n), i32),
         "label_positions": ((batch, n), i32),
         "masks": ((batch, n, m, m), f32),
+        "regions": ((batch, n, m, m), f32),
         "drop_text": ((batch,), bool),
         "drop_loc": ((batch,), bool),
         "drop_objs": ((batch,), bool),

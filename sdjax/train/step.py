@@ -5,7 +5,7 @@ task's loss, and Subject-Diffusion's loss.
 
 batch: the loader's contract (`sdjax.data.loader`): image `[B,R,R,3]`, refs
 `[B,N,S,S,3]`, boxes `[B,N,4]`, valid / use_box `[B,N]`, ids `[B,L]`, placeholders /
-label_positions `[B,N]`, masks `[B,N,M,M]`, drop_text / drop_loc / drop_objs,
+label_positions `[B,N]`, masks / regions `[B,N,M,M]`, drop_text / drop_loc / drop_objs,
 noise_seed `[B]`. Each example's noise, timestep t ~ U{0..T-1} and VAE posterior draw
 come from the step's rng folded with its noise_seed: a resumed run repeats an
 uninterrupted one exactly, and how a global batch is split over processes and devices
@@ -29,6 +29,7 @@ from sdjax.model import (
     encode_subjects,
     ground,
     subject_location,
+    subject_regions,
     to_latents,
 )
 from sdjax.train.losses import attention_map_loss, diffusion_loss
@@ -104,16 +105,24 @@ def subject_diffusion_losses(config: ModelConfig, loss_cfg: LossConfig):
         objs = ground(config, params, patches, batch["boxes"], objs_valid, batch["use_box"])
         keep_loc = (~batch["drop_loc"]).astype(jnp.float32)[:, None, None, None]
         loc = subject_location(config, batch["boxes"], valid) * keep_loc
+        regions = subject_regions(
+            config,
+            batch["regions"],
+            objs_valid,
+            batch["placeholders"],
+            batch["label_positions"],
+            text_valid,
+        )
 
         terms = {}
         if probe_on:
             probe = jnp.concatenate([batch["placeholders"], batch["label_positions"]], axis=1)
-            out, sown = denoise(config, params, x_t, t, context, objs, loc, probe)
+            out, sown = denoise(config, params, x_t, t, context, objs, loc, probe, regions)
             terms["attn"] = attention_map_loss(
                 jax.tree.leaves(sown["attn_probs"]), batch["masks"], text_valid, loss_cfg.attn_form
             )
         else:
-            out = denoise(config, params, x_t, t, context, objs, loc)
+            out = denoise(config, params, x_t, t, context, objs, loc, regions=regions)
         terms["mse"] = diffusion_loss(schedule, out, x0, noise, t)
         loss = terms["mse"] + loss_cfg.attn_weight * terms.get("attn", 0.0)
         return loss, terms
