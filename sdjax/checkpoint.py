@@ -3,18 +3,18 @@
 A step's checkpoint holds separate items, so a sampler reads the parameters without the
 optimizer state: `trainable`, `frozen`, `opt_state`, `ema` (when kept), `progress` (step
 and rng), `data` (the input iterator's state, JSON) and `meta` (the resolved config and
-the model config, JSON). Saves are async and atomic (orbax writes to a temporary folder
-and renames it when complete); a killed run leaves only complete steps behind.
+the model config, JSON). Saves are async and atomic (on a local disk orbax renames a
+temporary folder into place; on `gs://` it writes a commit marker last); a killed run leaves
+only complete steps behind. Workdirs are local paths or `gs://` URLs (`sdjax.paths`).
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from sdjax import paths
 from sdjax.errors import UserError
 
 ARRAY_ITEMS = ("trainable", "frozen", "opt_state", "ema", "progress")
@@ -23,7 +23,7 @@ CHECKPOINTS = "checkpoints"
 
 def manager(workdir: str, max_to_keep: int = 3) -> ocp.CheckpointManager:
     return ocp.CheckpointManager(
-        os.path.abspath(os.path.join(workdir, CHECKPOINTS)),
+        paths.resolve(workdir) / CHECKPOINTS,
         options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True),
     )
 
@@ -72,24 +72,29 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state):
     return state, got["data"], got["meta"]
 
 
-def _step_folder(path: str) -> tuple[str, int] | None:
-    """(checkpoints root, step) for a workdir or one step's folder, else None."""
-    path = os.path.abspath(path)
-    root = os.path.join(path, CHECKPOINTS)
-    if os.path.isdir(root):
-        steps = [int(d) for d in os.listdir(root) if d.isdigit()]
-        return (root, max(steps)) if steps else None
-    name = os.path.basename(path)
-    if name.isdigit() and os.path.isdir(os.path.join(path, "meta")):
-        return os.path.dirname(path), int(name)
+def _step_folder(path: str):
+    """(checkpoints root as an epath.Path, step) for a workdir (its latest complete step) or
+    one step's folder, else None."""
+    path = paths.resolve(path)
+    root = path / CHECKPOINTS
+    if root.is_dir():
+        return (root, step) if (step := _reader(root).latest_step()) is not None else None
+    if path.name.isdigit() and (path / "meta").is_dir() and _complete(path):
+        return path.parent, int(path.name)
     return None
+
+
+def _complete(step_dir) -> bool:
+    """A step folder is whole: on a local disk orbax renames it into place when done; on
+    gs:// it writes a commit marker last, so a step cut short by a kill has none."""
+    return not paths.is_remote(step_dir) or (step_dir / "commit_success.txt").exists()
 
 
 def is_training_checkpoint(path: str) -> bool:
     return _step_folder(path) is not None
 
 
-def _reader(root: str) -> ocp.CheckpointManager:
+def _reader(root) -> ocp.CheckpointManager:
     """A manager that knows every item's handler (so nothing is restored by guesswork)."""
     handlers = {k: ocp.StandardCheckpointHandler() for k in ARRAY_ITEMS}
     handlers.update(data=ocp.JsonCheckpointHandler(), meta=ocp.JsonCheckpointHandler())

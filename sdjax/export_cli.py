@@ -1,12 +1,11 @@
 """`sdjax export CHECKPOINT OUT_DIR [--format diffusers|sdjax] [--raw-weights]`.
 
 diffusers (default): PyTorch formats (see `sdjax.export`); sdjax: a native pipeline folder
-(model.json + params.safetensors) that `sdjax.load_pipeline(OUT_DIR)` reads.
+(model.json + params.safetensors) that `sdjax.load_pipeline(OUT_DIR)` reads. CHECKPOINT and
+OUT_DIR may be `gs://` URLs.
 """
 
 from __future__ import annotations
-
-import os
 
 
 def add_parser(sub) -> None:
@@ -28,19 +27,42 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    import contextlib
+
+    from sdjax import paths
     from sdjax.errors import UserError
-    from sdjax.pipeline import load_pipeline
 
-    if os.path.exists(args.out) and os.listdir(args.out):
+    if paths.listdir(args.out):
         raise UserError(f"output folder {args.out} is not empty")
-    pipeline = load_pipeline(args.checkpoint, use_ema=False if args.raw_weights else None)
-    if args.format == "sdjax":
-        from sdjax.pipeline import save_pipeline
+    pipeline = _load(args.checkpoint, use_ema=False if args.raw_weights else None)
+    remote = paths.is_remote(args.out)
+    # The writers (safetensors, diffusers/transformers layouts) need a local folder: a
+    # bucket's export is written to a staging folder and uploaded.
+    with paths.staging_dir("sdjax-export-") if remote else contextlib.nullcontext(args.out) as out:
+        if args.format == "sdjax":
+            from sdjax.pipeline import save_pipeline
 
-        save_pipeline(pipeline, args.out)
-    else:
-        from sdjax.export import export_pipeline
+            save_pipeline(pipeline, out)
+        else:
+            from sdjax.export import export_pipeline
 
-        export_pipeline(pipeline, args.out)
+            export_pipeline(pipeline, out)
+        if remote:
+            paths.upload_tree(out, args.out)
     print(f"exported {args.checkpoint} to {args.out}")
     return 0
+
+
+def _load(path: str, use_ema: bool | None):
+    """A pipeline from a training checkpoint or pipeline folder, local or gs://."""
+    from sdjax import paths
+    from sdjax.checkpoint import is_training_checkpoint, pipeline_from_training
+    from sdjax.pipeline import load_pipeline
+
+    if not paths.is_remote(path):
+        return load_pipeline(path, use_ema=use_ema)
+    if is_training_checkpoint(path):
+        return pipeline_from_training(path, use_ema)
+    with paths.staging_dir("sdjax-pipeline-") as local:
+        paths.download_tree(path, local)
+        return load_pipeline(local, use_ema=use_ema)

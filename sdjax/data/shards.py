@@ -9,20 +9,25 @@ Layout of a record folder:
                                    "count", "bytes"}, ...], "provenance": {...}}
 
 The manifest is written last and atomically, so a folder without one is an unfinished
-write. `RecordSource` checks the manifest against the shards when it opens (one-line
-`UserError` on any mismatch) and, mid-epoch, turns damaged records into `None` instead of
+write. A folder may be local or a `gs://` URL (`sdjax.paths`): ArrayRecord needs local
+files, so shards bound for a bucket are written to a local staging folder and uploaded as
+each one closes, and shards of a bucket are read from a local cache (`paths.local_copy`,
+checked against the manifest's sizes). For datasets larger than a host's disk, mount the
+bucket (gcsfuse) and give the mount's path.
+
+`RecordSource` checks the manifest against the shards when it opens (one-line `UserError`
+on any mismatch) and, mid-epoch, turns damaged records into `None` instead of
 raising: both ArrayRecord's chunk hashes and the record's own CRC are checked.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import logging
 import os
 import threading
 
-from sdjax.convert.files import write_json
+from sdjax import paths
 from sdjax.data.records import SCHEMA_VERSION, CorruptRecord, Record
 from sdjax.errors import UserError
 
@@ -36,8 +41,12 @@ log = logging.getLogger(__name__)
 
 
 def _dataset_files(out_dir: str) -> list[str]:
-    pattern = os.path.join(glob.escape(out_dir), "shard-*.array_record")
-    return [os.path.join(out_dir, MANIFEST), *glob.glob(pattern)]
+    """The manifest and shards of a previous dataset in `out_dir` (what overwrite removes)."""
+    return [
+        paths.join(out_dir, n)
+        for n in paths.listdir(out_dir)
+        if n == MANIFEST or (n.startswith("shard-") and n.endswith(".array_record"))
+    ]
 
 
 class ShardWriter:
@@ -57,16 +66,18 @@ class ShardWriter:
     ):
         if records_per_shard < 1:
             raise UserError(f"records per shard must be at least 1, got {records_per_shard}")
-        if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        if paths.exists(out_dir) and not paths.isdir(out_dir):
             raise UserError(f"output {out_dir} is a file, not a folder")
-        if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if paths.listdir(out_dir):
             if not overwrite:
                 raise UserError(f"output folder {out_dir} is not empty (pass --overwrite)")
             for path in _dataset_files(out_dir):
-                if os.path.exists(path):
-                    os.remove(path)
-        os.makedirs(out_dir, exist_ok=True)
+                paths.remove(path)
+        paths.makedirs(out_dir)
         self.out_dir = out_dir
+        # ArrayRecord writes local files: a bucket's shards are staged here, then uploaded.
+        self._staging = paths.staging_dir("sdjax-shards-") if paths.is_remote(out_dir) else None
+        self._local_dir = self._staging.name if self._staging else out_dir
         self.records_per_shard = records_per_shard
         self.provenance = dict(provenance or {})
         self.shards: list[dict] = []  # {"file", "count", "bytes"} per shard so far
@@ -82,7 +93,7 @@ class ShardWriter:
         if self._writer is None or self.shards[-1]["count"] == self.records_per_shard:
             self._finish_shard()
             name = _SHARD_PATTERN.format(len(self.shards))
-            self._writer = ArrayRecordWriter(os.path.join(self.out_dir, name), _WRITER_OPTIONS)
+            self._writer = ArrayRecordWriter(os.path.join(self._local_dir, name), _WRITER_OPTIONS)
             self.shards.append({"file": name, "count": 0, "bytes": 0})
         self._writer.write(data)
         self.shards[-1]["count"] += 1
@@ -92,7 +103,11 @@ class ShardWriter:
             self._writer.close()
             self._writer = None
             shard = self.shards[-1]
-            shard["bytes"] = os.path.getsize(os.path.join(self.out_dir, shard["file"]))
+            local = os.path.join(self._local_dir, shard["file"])
+            shard["bytes"] = os.path.getsize(local)
+            if self._staging is not None:
+                paths.upload(local, paths.join(self.out_dir, shard["file"]))
+                os.remove(local)
 
     def close(self) -> dict:
         """Closes the last shard and writes the manifest; returns it."""
@@ -103,8 +118,15 @@ class ShardWriter:
             "shards": self.shards,
             "provenance": self.provenance,
         }
-        write_json(os.path.join(self.out_dir, MANIFEST), manifest)
+        text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+        paths.write_text(paths.join(self.out_dir, MANIFEST), text)
+        self._cleanup()
         return manifest
+
+    def _cleanup(self) -> None:
+        if self._staging is not None:
+            self._staging.cleanup()
+            self._staging = None
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -114,16 +136,16 @@ class ShardWriter:
             self.close()
         else:
             self._finish_shard()
+            self._cleanup()
 
 
 def read_manifest(root: str) -> dict:
     """The manifest of a record folder; `UserError` if it is absent or unreadable."""
-    path = os.path.join(root, MANIFEST)
-    if not os.path.isdir(root):
+    path = paths.join(root, MANIFEST)
+    if not paths.isdir(root):
         raise UserError(f"record folder {root} does not exist")
     try:
-        with open(path) as f:
-            manifest = json.load(f)
+        manifest = json.loads(paths.read_text(path))
         version, count = manifest["schema_version"], manifest["count"]
         for shard in manifest["shards"]:
             if not {"file", "count", "bytes"} <= shard.keys():
@@ -141,15 +163,17 @@ def read_manifest(root: str) -> dict:
 
 
 def _checked_shard(root: str, shard: dict) -> str:
-    """The shard's path, after checking that it exists, is whole and has its records."""
+    """The shard's local path (a cached copy for a bucket), after checking that it exists,
+    is whole and has its records."""
     from array_record.python.array_record_module import ArrayRecordReader
 
-    path = os.path.join(root, shard["file"])
-    if not os.path.isfile(path):
+    path = paths.join(root, shard["file"])
+    if not paths.exists(path):
         raise UserError(f"shard {shard['file']} listed in {MANIFEST} is missing from {root}")
-    size = os.path.getsize(path)
+    size = paths.size(path)
     if size != shard["bytes"]:
         raise UserError(f"shard {path} has {size} bytes, {MANIFEST} says {shard['bytes']}")
+    path = paths.local_copy(path, expected_size=size)
     try:  # a damaged footer fails on open, on counting or on closing
         reader = ArrayRecordReader(path)
         count = reader.num_records() if reader.ok() else None

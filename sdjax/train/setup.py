@@ -8,7 +8,6 @@ the optional sample previews.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,10 +100,12 @@ def build_model(config) -> tuple[ModelConfig, Tokenizer, dict]:
 
 def prepare_data(config, workdir: str) -> str:
     """The dataset folder; a toy world is generated there first when it is missing."""
+    from sdjax import paths
     from sdjax.data.shards import MANIFEST
 
-    path = config.data.path or os.path.join(workdir, "data")
-    if os.path.isfile(os.path.join(path, MANIFEST)):
+    path = config.data.path or paths.join(workdir, "data")
+    manifest = paths.join(path, MANIFEST)
+    if paths.exists(manifest):
         return path
     toy_n = config.data.get("toy_n", 0)
     if not toy_n:
@@ -120,7 +121,7 @@ def prepare_data(config, workdir: str) -> str:
             size=config.data.get("toy_size", 64),
             overwrite=True,
         )
-    while not os.path.isfile(os.path.join(path, MANIFEST)):  # other hosts wait for it
+    while not paths.exists(manifest):  # other hosts wait for it
         time.sleep(1.0)
     return path
 
@@ -203,8 +204,11 @@ def make_preview(
 ) -> Callable:
     """Every `preview_every` steps: the first records' subjects redrawn from their captions,
     written as `previews/step_NNNNNNN.png` (row: reference scene | sample)."""
+    import io
+
     from PIL import Image
 
+    from sdjax import paths
     from sdjax.data.records import image_array, mask_array
     from sdjax.data.shards import RecordSource
     from sdjax.pipeline import Pipeline
@@ -213,7 +217,7 @@ def make_preview(
 
     source = RecordSource(data_path)
     records = [r for r in (source[i] for i in range(min(4, len(source)))) if r is not None]
-    os.makedirs(os.path.join(workdir, "previews"), exist_ok=True)
+    folder = paths.makedirs(paths.join(workdir, "previews"))
 
     def preview(state: TrainState, step: int) -> None:
         trained = state.ema if state.ema is not None else state.trainable
@@ -240,7 +244,8 @@ def make_preview(
             )[0]
             ref = Image.fromarray(image).resize(out.size)
             rows.append(np.concatenate([np.asarray(ref), np.asarray(out)], axis=1))
-        path = os.path.join(workdir, "previews", f"step_{step:07d}.png")
-        Image.fromarray(np.concatenate(rows, axis=0)).save(path)
+        png = io.BytesIO()
+        Image.fromarray(np.concatenate(rows, axis=0)).save(png, format="PNG")
+        paths.write_bytes(folder / f"step_{step:07d}.png", png.getvalue())
 
     return preview
