@@ -34,3 +34,4 @@ test-slow: .install-stamp-test
 lint: .install-stamp-test
 	$(BIN)/ruff check sdjax tests bench configs
 	$(BIN)/ruff format --check sdjax tests bench configs
+	shellcheck launch/*.sh launch/*.sbatch .ci/run

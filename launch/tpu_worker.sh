@@ -2,8 +2,8 @@
 # The worker side of launch/tpu_pod.sh: runs on every TPU VM of a pod slice, from the
 # package copy that tpu_pod.sh syncs to ~/sdjax (SDJAX_HOME).
 #
-#   tpu_worker.sh setup           Python >= 3.11 (the image's, else uv's pinned 3.11) in
-#                                 ~/sdjax/.venv with sdjax[tpu] and its pinned versions
+#   tpu_worker.sh setup           ~/sdjax/.venv with sdjax[tpu] (pyproject's pins) on Python
+#                                 >= 3.11: the image's, else a standalone build (pinned uv)
 #   tpu_worker.sh start -- CMD... run CMD in the venv, detached (survives the ssh session),
 #                                 output appended to ~/sdjax/logs/<host>.log
 #   tpu_worker.sh status [LINES]  running or exit status, then the log's last LINES lines
@@ -12,7 +12,7 @@
 set -euo pipefail
 
 UV_VERSION=0.13.8        # pinned: the same Python build on every worker
-PYTHON_VERSION=3.11      # what uv installs when the image's python3 is older
+PYTHON_VERSION=3.11      # the oldest Python sdjax runs on
 home="${SDJAX_HOME:-$HOME/sdjax}"
 host="$(hostname -s)"
 log="$home/logs/$host.log"
@@ -29,27 +29,24 @@ running_pid() {  # the wrapper's pid while the run is alive
   kill -0 "$pid" 2>/dev/null && echo "$pid"
 }
 
-python_for_venv() {
-  if command -v python3 >/dev/null &&
-    python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
-    command -v python3
-    return
-  fi
-  # The image's Python is too old: a standalone build through a pinned uv.
-  python3 -m pip install -q --user "uv==$UV_VERSION" >&2
-  "$HOME/.local/bin/uv" python install "$PYTHON_VERSION" >&2
-  "$HOME/.local/bin/uv" python find "$PYTHON_VERSION"
+uv() {  # a pinned uv, installed for this user on first use
+  local have=""
+  [ -x "$HOME/.local/bin/uv" ] && have="$("$HOME/.local/bin/uv" --version)"
+  case "$have" in
+    "uv $UV_VERSION"*) ;;
+    *) # (images with an externally managed Python need the override; older pips ignore it)
+      PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install -q --user "uv==$UV_VERSION" >&2 ;;
+  esac
+  "$HOME/.local/bin/uv" "$@"
 }
 
 setup() {
   cd "$home"
-  local python
-  python="$(python_for_venv)"
-  say "python: $python ($("$python" --version))"
-  [ -x .venv/bin/python ] || "$python" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[${SDJAX_EXTRAS:-tpu}]"
-  say "installed: $(.venv/bin/python -c 'import jax, sdjax; print("sdjax", sdjax.__version__, "jax", jax.__version__)')"
+  # The image's Python when it is new enough, else a standalone build that uv downloads;
+  # uv also spares images without python3-venv.
+  [ -x .venv/bin/python ] || uv venv --seed --python ">=$PYTHON_VERSION" .venv
+  uv pip install -q --python .venv/bin/python -e ".[${SDJAX_EXTRAS:-tpu}]"
+  say "installed: $(.venv/bin/python -c 'import sys, jax, sdjax; print("python", sys.version.split()[0], "sdjax", sdjax.__version__, "jax", jax.__version__)')"
 }
 
 start() {
