@@ -106,24 +106,38 @@ def test_record_folder_in_a_bucket_reads_like_a_local_one(gcs, data_dir):
     ]
 
 
+RUN = ["train.num_steps=6", "train.log_every=2"]  # checkpoints at 4 and 6 (train_config)
+
+
 @pytest.fixture(scope="module")
 def gs_run(gcs, data_dir, tmp_path_factory):
-    """A 6-step run in a bucket (checkpoints at 4 and 6), started from another folder."""
+    """A 6-step run in a bucket, started from another folder; also counts the metrics
+    dicts fetched from the devices (jax.device_get, the real one, counted)."""
+    import jax
+
     from sdjax.train.loop import train
 
     workdir = bucket_path("run")
     cwd = tmp_path_factory.mktemp("cwd")
-    here = os.getcwd()
+    here, real_get, fetched = os.getcwd(), jax.device_get, []
+
+    def counting_get(x):
+        if isinstance(x, dict) and "loss" in x:
+            fetched.append(x)
+        return real_get(x)
+
     os.chdir(cwd)
+    jax.device_get = counting_get
     try:
-        train(load_config(CONFIG, [f"data.path={data_dir}", "train.num_steps=6"]), workdir)
+        train(load_config(CONFIG, [f"data.path={data_dir}", *RUN]), workdir)
     finally:
+        jax.device_get = real_get
         os.chdir(here)
-    return workdir, cwd
+    return workdir, cwd, len(fetched)
 
 
 def test_training_writes_its_run_folder_to_the_bucket(gs_run):
-    workdir, cwd = gs_run
+    workdir, cwd, _ = gs_run
     assert os.listdir(cwd) == []  # not <cwd>/gs:/bucket/run
     assert sorted(paths.listdir(workdir)) == [
         "checkpoints",
@@ -131,7 +145,7 @@ def test_training_writes_its_run_folder_to_the_bucket(gs_run):
         "metrics.jsonl",
         "tensorboard",
     ]
-    assert [r["step"] for r in metrics(workdir)] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in metrics(workdir)] == [2, 4, 6]
     assert json.loads(paths.read_text(f"{workdir}/config.json"))["train"]["num_steps"] == 6
     steps = paths.listdir(f"{workdir}/checkpoints")
     assert {"4", "6"} <= set(steps)
@@ -142,21 +156,26 @@ def test_training_writes_its_run_folder_to_the_bucket(gs_run):
 def test_resume_from_the_bucket_repeats_the_lost_steps(gs_run, data_dir):
     from sdjax.train.loop import train
 
-    workdir, _ = gs_run
+    workdir, _, _ = gs_run
     before = metrics(workdir)
     # As if killed after step 6 was logged but before its checkpoint was committed.
     paths.resolve(f"{workdir}/checkpoints/6/commit_success.txt").unlink()
-    train(load_config(CONFIG, [f"data.path={data_dir}", "train.num_steps=6"]), workdir)
+    train(load_config(CONFIG, [f"data.path={data_dir}", *RUN]), workdir)
     after = metrics(workdir)
-    assert [r["step"] for r in after] == [1, 2, 3, 4, 5, 6]
+    assert [r["step"] for r in after] == [2, 4, 6]
     assert [r["loss"] for r in after] == [r["loss"] for r in before]
+
+
+def test_metrics_stay_on_device_between_logging_steps(gs_run):
+    _, _, fetched = gs_run
+    assert fetched == 3  # steps 2, 4 and 6 of 6
 
 
 def test_export_reads_and_writes_buckets(gs_run, tmp_path):
     from sdjax.cli import main
     from sdjax.pipeline import load_pipeline
 
-    workdir, _ = gs_run
+    workdir, _, _ = gs_run
     out = bucket_path("export")
     assert main(["export", workdir, out, "--format", "sdjax"]) == 0
     paths.download_tree(out, str(tmp_path / "pipe"))
