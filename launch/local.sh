@@ -33,7 +33,9 @@ logs="$(mktemp -d)"
 pids=(); printers=()
 for ((i = 0; i < n; i++)); do
   mkfifo "$logs/$i"
-  sed -u "s/^/[${i}] /" < "$logs/$i" &
+  # The printers ignore Ctrl-C (they share the terminal's process group): they must keep
+  # reading while the processes save their checkpoint.
+  (trap '' INT TERM; exec sed -u "s/^/[${i}] /" < "$logs/$i") &
   printers+=($!)
   # setsid: a process group (and session) of its own, so a signal to the group reaches
   # the command and whatever it started (grain workers, shells), and nothing else.
@@ -55,7 +57,7 @@ stop_all() {  # SIGTERM every group, SIGKILL what is left after the grace period
   local pid waited=0
   for pid in $(running); do kill -TERM -- "-$pid" 2>/dev/null || true; done
   while [ -n "$(running)" ] && [ "$waited" -lt $((grace * 10)) ]; do
-    sleep 0.1; waited=$((waited + 1))
+    sleep 0.1 || true; waited=$((waited + 1))  # (a Ctrl-C also hits sleep)
   done
   for pid in $(running); do kill -KILL -- "-$pid" 2>/dev/null || true; done
 }
@@ -77,7 +79,7 @@ while [ "${#left[@]}" -gt 0 ]; do
   done
   left=("${still[@]}")
   if [ -n "$failed" ]; then stop_all; fi
-  if [ "${#left[@]}" -gt 0 ]; then sleep 0.2; fi
+  if [ "${#left[@]}" -gt 0 ]; then sleep 0.2 || true; fi
 done
 # A process group can outlive its leader (a child that ignored the leader's exit).
 stop_all

@@ -101,7 +101,7 @@ stop() {
   kill -TERM "$pid"
   say "SIGTERM sent; waiting for the checkpoint"
   while kill -0 "$pid" 2>/dev/null && [ "$waited" -lt "$(( ${GRACE:-300} * 10 ))" ]; do
-    sleep 0.1; waited=$((waited + 1))
+    sleep 0.1 || true; waited=$((waited + 1))
   done
   if kill -0 "$pid" 2>/dev/null; then
     kill -KILL -- "-$pid" 2>/dev/null || true

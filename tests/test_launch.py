@@ -279,3 +279,30 @@ def test_launch_scripts_pass_shellcheck():
     ]
     done = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True)
     assert done.returncode == 0, done.stdout
+
+
+def test_local_ctrl_c_in_a_terminal_lets_the_processes_save(tmp_path):
+    # Ctrl-C reaches the terminal's foreground group (the launcher and its output
+    # printers); the processes get SIGTERM from the launcher and their last words print.
+    import pty
+
+    script = 'trap "echo saving; sleep 1; echo saved; exit 75" TERM; echo up; sleep 300 & wait'
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the launcher, as from a shell prompt
+        os.execv(LOCAL, [LOCAL, "-n", "2", "--", "bash", "-c", script])
+    output = b""
+    deadline = time.time() + 60
+    while output.count(b"up") < 2 and time.time() < deadline:
+        output += os.read(fd, 1024)
+    os.write(fd, b"\x03")  # Ctrl-C
+    while time.time() < deadline:
+        try:
+            chunk = os.read(fd, 1024)
+        except OSError:  # the terminal closed: the launcher exited
+            break
+        if not chunk:
+            break
+        output += chunk
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 75, output
+    assert output.count(b"saved") == 2, output
