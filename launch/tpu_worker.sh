@@ -12,7 +12,7 @@
 set -euo pipefail
 
 UV_VERSION=0.13.8        # pinned: the same Python build on every worker
-PYTHON_VERSION=3.11      # the oldest Python sdjax runs on
+PYTHON_VERSION=3.11      # sdjax's oldest Python; installed when the image's is older
 home="${SDJAX_HOME:-$HOME/sdjax}"
 host="$(hostname -s)"
 log="$home/logs/$host.log"
@@ -42,9 +42,13 @@ uv() {  # a pinned uv, installed for this user on first use
 
 setup() {
   cd "$home"
-  # The image's Python when it is new enough, else a standalone build that uv downloads;
-  # uv also spares images without python3-venv.
-  [ -x .venv/bin/python ] || uv venv --seed --python ">=$PYTHON_VERSION" .venv
+  # The image's Python when it is new enough, else a standalone CPython 3.11 that uv
+  # downloads (the version the pins are tested on); uv also spares images without venv.
+  local python="$PYTHON_VERSION"
+  if python3 -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; then
+    python="$(command -v python3)"
+  fi
+  [ -x .venv/bin/python ] || uv venv --seed --python "$python" .venv
   uv pip install -q --python .venv/bin/python -e ".[${SDJAX_EXTRAS:-tpu}]"
   say "installed: $(.venv/bin/python -c 'import sys, jax, sdjax; print("python", sys.version.split()[0], "sdjax", sdjax.__version__, "jax", jax.__version__)')"
 }

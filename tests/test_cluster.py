@@ -294,3 +294,52 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(service, tmp_path):
     stops = {row.split()[0]: int(row.split()[2]) for row in text.splitlines() if " STOP " in row}
     assert launcher.returncode == 75, text
     assert set(stops) == {"[0]", "[1]"} and stops["[0]"] == stops["[1]"], stops
+
+
+@pytest.mark.slow
+def test_training_preempted_on_one_process_saves_one_step_on_all(tmp_path):
+    # The same through `sdjax train`: 2 processes, SIGTERM to process 1 only.
+    from sdjax.data.generate import write_toy_dataset
+
+    data = tmp_path / "data"
+    write_toy_dataset(str(data), 64, size=32, workers=1, overwrite=True)
+    workdir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k not in CLUSTER_VARS and k != "XLA_FLAGS"}
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0"
+    launcher = subprocess.Popen(
+        [os.path.join(ROOT, "launch", "local.sh"), "-n", "2", "-d", "4", "--"]
+        + [
+            sys.executable,
+            "-m",
+            "sdjax",
+            "train",
+            "--config",
+            os.path.join(HERE, "train_config.py"),
+        ]
+        + ["--workdir", str(workdir), "--set", f"data.path={data}"]
+        + ["--set", "train.num_steps=100000", "--set", "mesh.data=2", "--set", "mesh.fsdp=4"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    marker = workdir / "checkpoints" / "4" / "commit_success.txt"
+    deadline = time.time() + 1200
+    while not marker.exists():
+        assert launcher.poll() is None, launcher.stdout.read()
+        assert time.time() < deadline, "no checkpoint in time"
+        time.sleep(0.5)
+    children = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(launcher.pid)], capture_output=True, text=True
+    ).stdout.split()
+    os.kill(next(p for p in map(int, children) if process_id(p) == "1"), signal.SIGTERM)
+    out, _ = launcher.communicate(timeout=600)
+    assert launcher.returncode == 75, out
+    said = sorted(line for line in out.splitlines() if "preempted: every process saved" in line)
+    assert len(said) == 2 and said[0].split("step")[1] == said[1].split("step")[1], said
+    step = int(said[0].split("step ")[1].split(";")[0])
+    saved = max(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit())
+    last_logged = int(
+        (workdir / "metrics.jsonl").read_text().splitlines()[-1].split('"step": ')[1].split(",")[0]
+    )
+    assert saved == step == last_logged > 4

@@ -9,6 +9,7 @@ an uninterrupted run.
 import json
 import os
 import pathlib
+import random
 import signal
 import subprocess
 import sys
@@ -249,6 +250,7 @@ def test_two_processes_killed_then_one_process_resumes_in_a_bucket(gcs, data_dir
         assert launcher.poll() is None, "the 2-process run exited before its first checkpoint"
         assert time.time() < deadline, "no checkpoint in time"
         time.sleep(0.5)
+    time.sleep(random.uniform(0.0, 2.0))  # anywhere in the next checkpoint interval
     # SIGKILL both training processes (each leads its own process group) and the launcher,
     # as when the machines are lost.
     ranks = subprocess.run(
@@ -272,4 +274,9 @@ def test_two_processes_killed_then_one_process_resumes_in_a_bucket(gcs, data_dir
     rows = metrics(workdir)
     assert [r["step"] for r in rows] == list(range(1, steps + 1))
     # Sharded over 2 processes vs 1: the same examples, summed in another order.
-    np.testing.assert_allclose([r["loss"] for r in rows], ref, rtol=2e-4)
+    got = np.array([r["loss"] for r in rows])
+    worst = float(np.max(np.abs(got - ref) / np.abs(ref)))
+    print(
+        f"killed after step {done[-1]}; resumed losses vs uninterrupted: max rel. diff {worst:.1e}"
+    )
+    np.testing.assert_allclose(got, ref, rtol=2e-4)
