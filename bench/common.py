@@ -246,10 +246,10 @@ def sample_case(pipeline, case: dict, steps: int, batch: int) -> np.ndarray:
 
 
 def synthetic_batch(model, batch: int, seed: int = 0) -> dict:
-    """A batch in the loader's contract (`sdjax.train.setup.batch_spec`), plus `loc`, the
-    location mask `[B, h, h, 1]` that the PyTorch side takes precomputed."""
+    """A batch in the loader's contract (`sdjax.train.tasks.subject_diffusion.batch_spec`),
+    plus `loc`, the location mask `[B, h, h, 1]` that the PyTorch side takes precomputed."""
     from sdjax.conditioning import location_mask
-    from sdjax.train.setup import batch_spec
+    from sdjax.train.tasks.subject_diffusion import batch_spec
 
     spec = batch_spec(model, batch)
     rng = np.random.default_rng(seed)
@@ -284,37 +284,26 @@ def synthetic_batch(model, batch: int, seed: int = 0) -> dict:
 # --- report ---------------------------------------------------------------------------
 
 
-def train_run(config, model, init_flat):
-    """The trainer's own `Run` (sdjax.train.setup) for `model` with `config`'s training
-    settings, its state starting from `init_flat(key)` (flat params): (run, mesh, rules,
-    batch spec, loss config). Use the run inside `jax.set_mesh(mesh)` and the rules."""
+def train_run(config):
+    """The trainer's own step (`sdjax.train.run.plan_step`) for `config`'s model and
+    training settings: (plan, mesh, rules, batch spec, loss config). Use the plan inside
+    `jax.set_mesh(mesh)` and the rules; `plan.initial_state(init_flat, seed)` makes a state
+    from chosen weights."""
     import flax.linen as nn
     import jax
 
-    from sdjax.model import abstract_params
     from sdjax.parallel.mesh import make_mesh
     from sdjax.parallel.sharding import as_rules
-    from sdjax.train.setup import batch_spec, build_run
-    from sdjax.train.state import flatten
-    from sdjax.train.step import LossConfig, make_train_step
+    from sdjax.train.run import plan_step
+    from sdjax.train.step import LossConfig
+    from sdjax.train.tasks.subject_diffusion import SubjectDiffusionTask
 
-    loss_cfg = LossConfig(**config.get("loss", {}))
     mesh, rules = make_mesh(config.mesh.to_dict()), as_rules(config.sharding_rules)
-    spec = batch_spec(model, config.train.batch_size)
+    task = SubjectDiffusionTask(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        run = build_run(
-            config,
-            mesh,
-            rules,
-            meta={},
-            loader=None,
-            boxed=flatten(abstract_params(model)),
-            init_flat=init_flat,
-            pretrained_flat=lambda fresh: {},
-            step_fn=lambda tx: make_train_step(model, config.train, loss_cfg, tx),
-            batch=spec,
-        )
-    return run, mesh, rules, spec, loss_cfg
+        plan = plan_step(config, task, mesh, rules)
+    spec = task.batch_spec(config.train.batch_size)
+    return plan, mesh, rules, spec, LossConfig(**config.get("loss", {}))
 
 
 def versions() -> dict:

@@ -21,7 +21,7 @@ process, one after the other, so that each framework's GPU memory peak is its ow
                 their output shapes stand in for them, made outside the timing.
   train         sdjax's train step with configs/sd2_base.py's settings (the authors'
                 trainable set, bf16, remat, attention-map loss, AdamW) at `--train-batch`
-                512 px images, built by the trainer's `build_run`: state initialisation and
+                512 px images, built by the trainer's `plan_step`: state initialisation and
                 compile times, images/s, MFU and HFU, peak memory. Model FLOPs per step:
                 XLA's cost analysis of the same step lowered without remat and with XLA
                 attention (the analysis does not count cuDNN custom calls); HFU uses the

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 import time
 
@@ -31,115 +32,36 @@ from common import (
     write_cases,
 )
 
-SD2_CONFIG = os.path.join(
-    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "sd2_base.py"
-)
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD2_CONFIG = os.path.join(ROOT, "configs", "sd2_base.py")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from sd2_tiny import OVERRIDES as SD2_TINY_OVERRIDES  # noqa: E402
 
 
-def sd2_shapes() -> dict:
-    from sdjax.models.clip import CLIPTextConfig, CLIPVisionConfig
-    from sdjax.models.unet_config import UNetConfig
-    from sdjax.models.vae import VAEConfig
+def bench_config(quick: bool, attention: str, overrides=()):
+    """configs/sd2_base.py with the UNet attending through `attention` ("cudnn" or "xla");
+    with `quick` shrunk as tests/sd2_tiny.py shrinks it, in float32 with XLA attention."""
+    from sdjax.config import load_config
 
-    return {
-        "unet": UNetConfig(
-            in_channels=5,
-            out_channels=4,
-            heads=(5, 10, 20, 20),
-            cross_attention_dim=1024,
-            sample_size=64,
-            adapter=True,
-        ),
-        "text": CLIPTextConfig(
-            hidden_size=1024,
-            intermediate_size=4096,
-            num_hidden_layers=23,
-            num_attention_heads=16,
-            hidden_act="gelu",
-        ),
-        "image": CLIPVisionConfig(
-            hidden_size=1280,
-            intermediate_size=5120,
-            projection_dim=1024,
-            num_hidden_layers=32,
-            num_attention_heads=16,
-            patch_size=14,
-            hidden_act="gelu",
-        ),
-        "vae": VAEConfig(
-            down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=(128, 256, 512, 512),
-            layers_per_block=2,
-            sample_size=512,
-        ),
-    }
-
-
-def tiny_shapes() -> dict:
-    """The same structure (latent model, adapters, probes) at a few channels, 16 px."""
-    from sdjax.models.clip import CLIPTextConfig, CLIPVisionConfig
-    from sdjax.models.unet_config import UNetConfig
-    from sdjax.models.vae import VAEConfig
-
-    tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
-    return {
-        "unet": UNetConfig(
-            block_out_channels=(32, 64),
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            layers_per_block=1,
-            heads=(2, 2),
-            cross_attention_dim=32,
-            in_channels=5,
-            out_channels=4,
-            sample_size=8,
-            norm_num_groups=8,
-            adapter=True,
-            probe_layers=("down_blocks_0", "up_blocks_1"),
-        ),
-        "text": CLIPTextConfig(**tower, hidden_act="gelu"),
-        "image": CLIPVisionConfig(
-            **tower, projection_dim=32, image_size=28, patch_size=14, hidden_act="gelu"
-        ),
-        "vae": VAEConfig(
-            down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2,
-            block_out_channels=(16, 32),
-            norm_num_groups=8,
-            sample_size=16,
-        ),
-    }
+    if not quick:
+        return load_config(SD2_CONFIG, [f"model.attention={attention}", *overrides])
+    tiny = [*SD2_TINY_OVERRIDES, "model.attention=xla"]
+    tiny += [f"model.{part}.dtype=float32" for part in ("unet", "text", "image", "vae")]
+    return load_config(SD2_CONFIG, [*tiny, *overrides])
 
 
 def model_config(quick: bool, attention: str):
-    """SD 2-base shapes with configs/sd2_base.py's model settings (probed layers, remat,
-    bf16), the UNet's attention implementation `attention` ("cudnn" or "xla"); with
-    `quick` the tiny shapes in float32 with XLA attention."""
-    from sdjax.config import load_config
-    from sdjax.model import ModelConfig
+    """The benchmark's model (`bench_config`)."""
+    from sdjax.train.tasks.subject_diffusion import model_config as from_config
 
-    settings = load_config(SD2_CONFIG).model.to_dict()
-    settings.pop("vocab", None)
-    shapes = tiny_shapes() if quick else sd2_shapes()
-    parts = {}
-    for part in ("unet", "text", "image"):
-        extra = dict(settings.pop(part, {}))
-        if quick:
-            extra["dtype"] = "float32"
-            extra.pop("probe_layers", None)
-        parts[part] = dataclasses.replace(shapes[part], **extra)
-    implementation = None if quick or attention == "xla" else attention
-    parts["unet"] = dataclasses.replace(parts["unet"], attention_implementation=implementation)
-    if quick:
-        settings.update(resolution=16, grounding_hidden=32)
-    return ModelConfig(**parts, vae=shapes["vae"], **settings)
+    return from_config(bench_config(quick, attention))[0]
 
 
 def plain(model):
     """`model` without remat and with XLA attention: what XLA's cost analysis counts in full."""
-    unet = dataclasses.replace(model.unet, remat=False, attention_implementation=None)
-    return dataclasses.replace(model, unet=unet, text=dataclasses.replace(model.text, remat=False))
+    unet = dataclasses.replace(model.unet, remat=False)
+    text = dataclasses.replace(model.text, remat=False)
+    return dataclasses.replace(model, unet=unet, text=text, attention="xla")
 
 
 def device_facts() -> dict:
@@ -295,28 +217,26 @@ def flops(cost) -> float | None:
 
 
 def compiled_step(args, model, clock):
-    """The trainer's state (freshly initialised) and compiled step for `model` with
-    configs/sd2_base.py's training settings, the batch's abstract shapes, the mesh, and
-    what building them cost (seconds, FLOPs)."""
+    """The trainer's state (freshly initialised) and compiled step for `model` (the
+    benchmark's) with configs/sd2_base.py's training settings, the batch's abstract
+    shapes, the mesh, and what building them cost (seconds, FLOPs)."""
     import flax.linen as nn
     import jax
 
-    from sdjax.config import load_config
     from sdjax.model import init_params
     from sdjax.models.layers import unbox
-    from sdjax.parallel.sharding import batch_sharding, replicated
     from sdjax.train.state import flatten, optimizer
     from sdjax.train.step import make_train_step
 
-    config = load_config(SD2_CONFIG, [f"train.batch_size={args.train_batch}"])
+    config = bench_config(args.quick, args.attention, [f"train.batch_size={args.train_batch}"])
     init_flat = lambda k: flatten(unbox(init_params(model, k)))
-    run, mesh, rules, spec, loss_cfg = train_run(config, model, init_flat)
+    run, mesh, rules, spec, loss_cfg = train_run(config)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         start = time.perf_counter()
-        state = jax.block_until_ready(run.initial_state())
+        state = jax.block_until_ready(run.initial_state(init_flat, config.train.seed))
         init_s = time.perf_counter() - start
         before = clock.snapshot()
-        step = run.compile(batch_sharding(mesh), replicated(mesh))
+        step = run.compile()
         compiled = compile_delta(before, clock.snapshot())
         reference = make_train_step(plain(model), config.train, loss_cfg, optimizer(config.train))
         model_flops = flops(jax.jit(reference).lower(run.abstract_state, spec).cost_analysis())

@@ -21,8 +21,10 @@ branch, the encoders) is therefore done on both sides. The two sides' images are
 (max / mean |difference| in uint8 levels) as a check that they compute the same thing.
 
 Configs (pixel space, no VAE; text and image towers as in configs/toy.py):
-  toy  configs/toy.py: 32 px, UNet 16/32/64 channels, 1 layer per block
-  mid  64 px, UNet 128/256/256 channels, 2 layers per block, 4 heads of 64 channels
+  toy         configs/toy.py: 32 px, UNet 16/32/64 channels, 1 layer per block, region-bound
+              attention at 16 and 8 px
+  toy-free    the same without region-bound attention (its cost: toy against toy-free)
+  mid         64 px, UNet 128/256/256 channels, 2 layers per block, 4 heads of 64 channels
 
 Each side runs in its own process (this script with `--worker`). First calls: sdjax traces,
 compiles (the persistent compile cache is off) and runs, then samples another prompt with
@@ -74,6 +76,7 @@ TOY = os.path.join(ROOT, "configs", "toy.py")
 
 CONFIGS = {
     "toy": [],
+    "toy-free": ["model.region_attention=False"],
     "mid": [
         "model.unet.block_out_channels=(128, 256, 256)",
         "model.unet.layers_per_block=2",
@@ -86,20 +89,21 @@ CONFIGS = {
 # --quick: the same code paths at toy cost (the mid structure, 2 layers per block, at 32 px).
 QUICK_CONFIGS = {
     "toy": [],
+    "toy-free": ["model.region_attention=False"],
     "mid": [
         "model.unet.block_out_channels=(32, 64, 64)",
         "model.unet.layers_per_block=2",
         "model.unet.heads=(2, 4, 4)",
     ],
 }
-DEFAULT_REPEATS = {"toy": 9, "mid": 3}
+DEFAULT_REPEATS = {"toy": 9, "toy-free": 9, "mid": 3}
 
 
 def model_config(overrides: list[str]):
     from sdjax.config import load_config
-    from sdjax.train.init import model_from_scratch
+    from sdjax.train.tasks.subject_diffusion import model_config
 
-    return model_from_scratch(load_config(TOY, overrides))
+    return model_config(load_config(TOY, overrides))
 
 
 def prepare(folder: str, overrides: list[str], batch: int) -> list[dict]:
@@ -268,7 +272,9 @@ HEADERS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: validation only")
-    parser.add_argument("--configs", default="toy,mid", help="comma-separated: toy, mid")
+    parser.add_argument(
+        "--configs", default="toy,toy-free,mid", help="comma-separated: toy, toy-free, mid"
+    )
     parser.add_argument("--steps", type=int, help="DDIM steps (default 50; quick 3)")
     parser.add_argument("--batch", type=int, help="images per call (default 4; quick 2)")
     parser.add_argument("--repeats", type=int, help="timed calls per side (default toy 9, mid 3)")

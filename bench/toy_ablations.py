@@ -1,5 +1,6 @@
 """SPEC 7's ablations on the toy world: each row is configs/toy.py with one part of the
-method switched off, trained with the same budget and measured with `sdjax eval toy`.
+method switched off, trained with the same budget and measured with `sdjax eval toy`. The
+last row switches off sdjax's own addition, region-bound attention (beyond the paper).
 
     python bench/toy_ablations.py --data workdirs/toy_data --image-encoder workdirs/toy_clip \\
         --root workdirs/ablations [--steps 3000] [--rows full,no_adapter] [--cases 100]
@@ -30,6 +31,7 @@ ROWS = {
     "no_adapter": (["model.unet.adapter=False"], (-0.177, -0.095)),
     "no_attention_loss": (["loss.attn_weight=0.0"], (-0.019, -0.006)),
     "no_cls_feature": (["model.cls_feature=False"], (-0.074, -0.049)),
+    "no_region_attention": (["model.region_attention=False"], None),  # not in the paper
 }
 # metric -> whether higher is better
 METRICS = {
@@ -42,6 +44,8 @@ METRICS = {
     "background": True,
     "swap": False,
     "leak": False,
+    "identity": True,
+    "obedience": True,
 }
 
 
@@ -95,8 +99,11 @@ def table(results: dict) -> str:
     for row, metrics in results.items():
         cells = []
         for name, higher in METRICS.items():
+            if metrics.get(name) is None:  # an evaluation from before the metric existed
+                cells.append("-")
+                continue
             cell = f"{metrics[name]:.3f}"
-            if full is not None and row != "full":
+            if full is not None and row != "full" and full.get(name) is not None:
                 better = (metrics[name] - full[name]) * (1 if higher else -1)
                 cell += " (+)" if better > 0 else " (-)" if better < 0 else ""
             cells.append(cell)

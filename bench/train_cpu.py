@@ -2,13 +2,13 @@
 
 Model and settings: configs/toy.py (32 px pixel space, UNet 16/32/64 with adapters, 2-layer
 text and image towers), its batch (train.batch_size = 32), float32, the same random initial
-weights on both sides (an sdjax pipeline folder, read into the state by `build_run`'s
-`init_flat`, and its `sdjax.export` for PyTorch). Trained: unet, text_encoder, grounding,
-cls_mlp (the toy config's `train.trainable`); the image encoder is frozen. Every step sees
-the same synthetic batch (the loader's contract: random images, references, boxes, masks,
+weights on both sides (an sdjax pipeline folder, read into the state by
+`StepPlan.initial_state`, and its `sdjax.export` for PyTorch). Trained: unet, text_encoder,
+grounding, cls_mlp (the toy config's `train.trainable`); the image encoder is frozen. Every
+step sees the same synthetic batch (the loader's contract: random images, references, boxes, masks,
 token ids), with fresh noise and timesteps per step on each side.
 
-  sdjax       the trainer's own step: `sdjax.train.setup.build_run` + `make_train_step`,
+  sdjax       the trainer's own step: `sdjax.train.run.plan_step` + `make_train_step`,
               AOT-compiled, state donated; image encoder, CLS MLP, fusion text encoder,
               GroundingNet, UNet, epsilon MSE, gradients of the trainable part, global-norm
               clipping, AdamW, EMA; metrics fetched every step (as the training loop does).
@@ -66,10 +66,10 @@ SIDES = {"sdjax": NO_ATTN, "torch": NO_ATTN, "sdjax+attn": []}
 
 def load(config_path: str, overrides: list[str]):
     from sdjax.config import load_config
-    from sdjax.train.init import model_from_scratch
+    from sdjax.train.tasks.subject_diffusion import model_config
 
     config = load_config(config_path, overrides)
-    return config, *model_from_scratch(config)
+    return config, *model_config(config)
 
 
 def prepare(folder: str, config_path: str) -> None:
@@ -109,7 +109,7 @@ class SdjaxTrainer(Trainer):
         import flax.linen as nn
         import jax
 
-        from sdjax.parallel.sharding import batch_sharding, global_batch, replicated
+        from sdjax.parallel.sharding import global_batch
         from sdjax.pipeline import load_pipeline
         from sdjax.train.state import flatten
 
@@ -117,14 +117,15 @@ class SdjaxTrainer(Trainer):
         weights = load_pipeline(os.path.join(folder, "pipeline")).params
         # The exported random weights, not the initialiser (tens of seconds to compile on
         # CPU): both sides start from the same weights.
-        run, mesh, rules, spec, _ = train_run(config, model, lambda _: flatten(weights))
+        plan, mesh, rules, spec, _ = train_run(config)
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             start = time.perf_counter()
-            self.state = jax.block_until_ready(run.initial_state())
+            init = lambda _: flatten(weights)  # noqa: E731
+            self.state = jax.block_until_ready(plan.initial_state(init, config.train.seed))
             init_s = time.perf_counter() - start
             rss_after_init = peak_rss_mb()
             before = clock.snapshot()
-            self.step = run.compile(batch_sharding(mesh), replicated(mesh))
+            self.step = plan.compile()
             after = clock.snapshot()
             rss_after_compile = peak_rss_mb()
         data = np.load(os.path.join(folder, "batch.npz"))

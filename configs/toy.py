@@ -80,6 +80,7 @@ def get_config():
         cls_feature=True,
         # beyond the paper: each subject's tokens attended only inside its region
         region_attention=True,
+        attention="auto",  # kernel: TPU splash, GPU cuDNN, CPU XLA (sdjax.models.kernels)
     )
     # image_encoder: the toy CLIP run (configs/toy_clip.py); empty = a random frozen tower.
     c.init = dict(pretrained="", image_encoder="")

@@ -18,7 +18,12 @@ def get_config():
     toy = load_config(os.path.join(os.path.dirname(os.path.abspath(__file__)), "toy.py"))
     c = toy.copy_and_resolve_references()
     c.task = "clip"
-    c.model = dict(image=toy.model.image.to_dict(), text=toy.model.text.to_dict(), vocab="toy")
+    c.model = dict(
+        image=toy.model.image.to_dict(),
+        text=toy.model.text.to_dict(),
+        vocab="toy",
+        attention=toy.model.attention,
+    )
     c.data.p_text = c.data.p_both = c.data.p_mask = 0.0
     c.train.update(
         num_steps=1500,

@@ -14,6 +14,7 @@ from sdjax.eval.dreambench import add_parser as add_dreambench_parser
 from sdjax.eval.toy import add_parser as add_toy_eval_parser
 from sdjax.export_cli import add_parser as add_export_parser
 from sdjax.parallel.cpu import use_cpu_cores
+from sdjax.plan import add_parser as add_plan_parser
 from sdjax.sample_cli import add_parser as add_sample_parser
 from sdjax.train.cli import add_parser as add_train_parser
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     register_data(sub)
     add_sample_parser(sub)
     add_train_parser(sub)
+    add_plan_parser(sub)
     add_export_parser(sub)
     evaluate = sub.add_parser("eval", help="measure a model (toy world, DreamBench)")
     benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)

@@ -28,6 +28,7 @@ from sdjax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from sdjax.models.clip_text import TextEncoder
 from sdjax.models.clip_vision import ImageEncoder
 from sdjax.models.grounding import ClsMLP, GroundingNet
+from sdjax.models.kernels import IMPLEMENTATIONS
 from sdjax.models.regions import Regions, token_subjects
 from sdjax.models.unet import UNet
 from sdjax.models.unet_config import UNetConfig
@@ -74,6 +75,10 @@ class ModelConfig:
     region_attention (beyond the paper; `sdjax.models.regions`): each subject's grounding
     tokens and its placeholder and label tokens are attended only inside its region.
     Off in models saved before it existed; the configs turn it on.
+
+    attention: the attention kernel of the UNet and the CLIP towers
+    (`sdjax.models.kernels`): "auto" (by backend: TPU splash, GPU cuDNN, CPU XLA), "xla",
+    "cudnn" or "splash". It changes how attention is computed, not what.
     """
 
     unet: UNetConfig
@@ -93,6 +98,7 @@ class ModelConfig:
     box_coordinates: bool = True
     cls_feature: bool = True
     region_attention: bool = False
+    attention: str = "auto"
 
     def __post_init__(self):
         channels = self.vae.latent_channels if self.vae else 3
@@ -101,6 +107,10 @@ class ModelConfig:
                 f"model config: the UNet needs {channels}+1 input and {channels} output "
                 f"channels (latents + location mask), has {self.unet.in_channels}/"
                 f"{self.unet.out_channels}"
+            )
+        if self.attention not in IMPLEMENTATIONS:
+            raise UserError(
+                f"model config: attention {self.attention!r}; known: {', '.join(IMPLEMENTATIONS)}"
             )
         if self.resolution % self.downscale:
             raise UserError(
@@ -162,16 +172,18 @@ def _tuples(value):
 
 
 def modules(config: ModelConfig) -> dict:
-    """The Flax modules of each part."""
+    """The Flax modules of each part (the UNet and the CLIP towers attend with
+    `config.attention`)."""
+    attention = {"attention_implementation": config.attention}
     parts = {
-        "unet": UNet(config.unet),
-        "text_encoder": TextEncoder(config.text),
-        "image_encoder": ImageEncoder(config.image),
+        "unet": UNet(dataclasses.replace(config.unet, **attention)),
+        "text_encoder": TextEncoder(dataclasses.replace(config.text, **attention)),
+        "image_encoder": ImageEncoder(dataclasses.replace(config.image, **attention)),
         "grounding": GroundingNet(config.unet.objs_dim, config.grounding_hidden),
         "cls_mlp": ClsMLP(config.text.hidden_size),
     }
     if config.vae is not None:
-        parts["vae"] = AutoencoderKL(config.vae)
+        parts["vae"] = AutoencoderKL(config.vae, jnp.dtype(config.vae.dtype))
     return parts
 
 
@@ -282,7 +294,7 @@ def denoise(config: ModelConfig, params, x_t, t, context, objs, loc, probe=None,
 
 def to_latents(config: ModelConfig, params, images, rng=None):
     """Images `[B, R, R, 3]` in [-1, 1] -> the diffusion space (scaled VAE latents or
-    the pixels themselves)."""
+    the pixels themselves): a posterior draw per image (rng: keys `[B]`) or its mean."""
     if config.vae is None:
         return images
     return modules(config)["vae"].apply(

@@ -34,7 +34,7 @@ FORMAT_VERSION = 1
 DEFAULT_MODEL = os.path.join(os.path.dirname(__file__), "assets", "default_model")
 
 
-@dataclass
+@dataclass(eq=False)  # compared and hashed by identity (caches key on it)
 class Pipeline:
     config: ModelConfig
     params: dict  # part name -> parameter tree (numpy or jax arrays)

@@ -13,8 +13,11 @@ subjects; the rest use the plain prompt with no subject conditioning.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -142,29 +145,53 @@ def initial_noise(config: ModelConfig, rng, batch: int):
     return jax.vmap(lambda k: jax.random.normal(k, shape))(keys)
 
 
-def split_devices(batch: int) -> list:
-    """The devices a batch of `batch` images is split over: on CPU the most local devices
-    that divide it evenly (one per core under the CLI: `use_cpu_cores`), elsewhere one.
-
-    On CPU, XLA's threads gain nothing on the small ops of a toy-size UNet, while devices
-    run their shares of a batch side by side (BENCHMARKS.md, "Performance work").
-    """
-    devices = jax.local_devices()
-    if devices[0].platform != "cpu":
-        return devices[:1]
-    count = math.gcd(batch, len(devices))
-    return devices[:count]
+def split_devices(batch: int, devices=None) -> tuple:
+    """The devices a batch of `batch` images is split over: the most of `devices`
+    (default: the local ones) that divide it evenly. On CPU the CLI makes one device per
+    core (`use_cpu_cores`): XLA's threads gain nothing on the small ops of a toy-size
+    UNet, while devices run their shares of a batch side by side (BENCHMARKS.md)."""
+    devices = tuple(jax.local_devices() if devices is None else devices)
+    return devices[: math.gcd(batch, len(devices))]
 
 
 # XLA's CPU fusion emitters take about 200 MB more memory to compile the sampler, for no
-# speed (BENCHMARKS.md, "Sampler on CPU"); other backends ignore the option.
-@partial(
-    jax.jit,
-    static_argnames=("config", "num_steps"),
-    compiler_options={"xla_cpu_use_fusion_emitters": False},
-)
+# speed (BENCHMARKS.md, "Sampler on CPU"). Newer XLA has no such option: it is passed only
+# to a CPU compile, and only when this XLA knows it.
+_CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
+
+
+@functools.cache
+def _cpu_compile_options() -> tuple:
+    one = jax.device_put(1.0, jax.devices("cpu")[0])
+    try:
+        jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(one).compile()
+    except Exception:  # noqa: BLE001 - "No such compile option" in newer XLA
+        return ()
+    return tuple(_CPU_OPTIONS.items())
+
+
+@functools.cache
+def sampler(platform: str):
+    """The jitted sampler (`generate`'s computation) with `platform`'s compile options;
+    static arguments: config, num_steps, devices."""
+    options = dict(_cpu_compile_options()) if platform == "cpu" else {}
+    return jax.jit(
+        _generate,
+        static_argnames=("config", "num_steps", "devices"),
+        compiler_options=options or None,
+    )
+
+
 def generate(
-    config: ModelConfig, num_steps: int, params, inputs, rng, text_scale, image_scale, subject_steps
+    config: ModelConfig,
+    num_steps: int,
+    params,
+    inputs,
+    rng,
+    text_scale,
+    image_scale,
+    subject_steps,
+    devices=None,
 ):
     """Sample images for a batch of prepared inputs -> uint8 `[B, R, R, 3]`.
 
@@ -173,12 +200,29 @@ def generate(
     use_box bool `[B, N]`, refs `[B, N, S, S, 3]`, boxes `[B, N, 4]`, regions `[B, N, h, h]`
     (`conditioning.subject_region`). subject_steps: steps (from the first) that use
     the subjects. rng: a PRNG key; image b starts from noise of `fold_in(rng, b)`. The
-    batch is split evenly over `split_devices(B)`; every image's result is its own.
+    batch is split evenly over `split_devices(B, devices)` (parameters replicated); every
+    image's result is its own. One compile per config, step count, batch and devices.
     """
+    devices = split_devices(inputs["valid"].shape[0], devices)
+    run = sampler(devices[0].platform)
+    args = (params, inputs, rng, text_scale, image_scale, subject_steps)
+    return run(config, num_steps, devices, *args)
+
+
+def _generate(
+    config: ModelConfig,
+    num_steps: int,
+    devices: tuple,
+    params,
+    inputs,
+    rng,
+    text_scale,
+    image_scale,
+    subject_steps,
+):
     batch = inputs["valid"].shape[0]
     x_T = initial_noise(config, rng, batch)
     run = partial(_generate_from, config, num_steps)
-    devices = split_devices(batch)
     if len(devices) > 1:
         run = jax.shard_map(
             run,
@@ -253,6 +297,35 @@ def _generate_from(
     return jnp.round((images + 1.0) * 127.5).astype(jnp.uint8)
 
 
+_ON_PLATFORM = weakref.WeakKeyDictionary()
+
+
+def for_platform(pipeline: Pipeline, platform: str) -> Pipeline:
+    """The pipeline as `platform` samples it: on CPU as it is; on an accelerator in
+    bfloat16 (`bfloat16_model`: weights and matmuls; norms, softmax statistics, the
+    scheduler's math and the output stay float32), made once per pipeline."""
+    if platform == "cpu":
+        return pipeline
+    if pipeline not in _ON_PLATFORM:
+        config = bfloat16_model(pipeline.config)
+        params = jax.tree.map(_to_bfloat16, pipeline.params)
+        _ON_PLATFORM[pipeline] = Pipeline(config, params, pipeline.tokenizer)
+    return _ON_PLATFORM[pipeline]
+
+
+def bfloat16_model(config: ModelConfig) -> ModelConfig:
+    """The model config with every part computing in bfloat16."""
+    parts = {"unet": config.unet, "text": config.text, "image": config.image, "vae": config.vae}
+    return dataclasses.replace(
+        config,
+        **{k: dataclasses.replace(v, dtype="bfloat16") for k, v in parts.items() if v is not None},
+    )
+
+
+def _to_bfloat16(x):
+    return jnp.asarray(x, jnp.bfloat16) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+
 def guidance_scales(
     config: ModelConfig, text_scale: float | None, image_scale: float | None
 ) -> tuple[float, float]:
@@ -299,6 +372,7 @@ def sample(
     check_settings(num_steps, text_scale, image_scale, num_images, subject_fraction)
     text_scale, image_scale = guidance_scales(pipeline.config, text_scale, image_scale)
     one = prepare_inputs(pipeline, prompt, subjects)
+    pipeline = for_platform(pipeline, jax.default_backend())
     subject_steps = math.floor(subject_fraction * num_steps + 0.5)
     rng = jax.random.key(seed)
     images = []

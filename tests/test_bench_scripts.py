@@ -68,7 +68,7 @@ def test_random_params_are_scaled_by_fan_in():
 def test_synthetic_batch_meets_the_loader_contract():
     from tiny import tiny_config
 
-    from sdjax.train.setup import batch_spec
+    from sdjax.train.tasks.subject_diffusion import batch_spec
 
     model = tiny_config()
     batch = common.synthetic_batch(model, 3)
@@ -84,12 +84,12 @@ def test_gpu_model_and_tables():
     from gpu_parts import model_config, plain
 
     quick = model_config(True, "cudnn")
-    assert quick.unet.attention_implementation is None and quick.unet.dtype == "float32"
+    assert quick.attention == "xla" and quick.unet.dtype == "float32"
     full = model_config(False, "cudnn")
     assert full.unet.block_out_channels == (320, 640, 1280, 1280)
     assert full.unet.dtype == "bfloat16" and full.unet.remat
-    assert full.unet.attention_implementation == "cudnn" and full.latent_size == 64
-    assert not plain(full).unet.remat and plain(full).unet.attention_implementation is None
+    assert full.attention == "cudnn" and full.latent_size == 64
+    assert not plain(full).unet.remat and plain(full).attention == "xla"
     assert gpu.peak_bf16("NVIDIA H100 80GB HBM3", None) == 989e12
     assert gpu.peak_bf16("Some GPU", None) is None
     sdjax_batch = {

@@ -1,7 +1,5 @@
 """Export to PyTorch: the exported folder samples the same images in PyTorch as sdjax."""
 
-import tempfile
-
 import jax
 import numpy as np
 import pytest

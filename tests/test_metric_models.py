@@ -27,13 +27,8 @@ from safetensors.torch import save_file
 from sdjax.convert.files import CheckpointError
 from sdjax.convert.keys import to_torch_layout
 from sdjax.errors import UserError
-from sdjax.eval.metric_models import (
-    CLIP_KEYS,
-    CLIPConfig,
-    CLIPModel,
-    abstract_clip_params,
-    load_clip,
-)
+from sdjax.eval.metric_models import CLIP_KEYS, load_clip
+from sdjax.models.clip_model import CLIPConfig, CLIPModel, abstract_clip_params
 
 TEXT = dict(
     vocab_size=1000,

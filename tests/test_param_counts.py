@@ -15,7 +15,7 @@ from sdjax.models.unet import init_unet
 from sdjax.models.unet_config import UNetConfig
 
 SD2_BASE_UNET = 865_910_724  # stabilityai/stable-diffusion-2-base unet, 4 input channels
-SD2_BASE = dict(
+SD2_BASE = dict(  # SD 2-base with the location channel, gated (adapters)
     sample_size=64,
     in_channels=5,
     out_channels=4,
@@ -69,3 +69,57 @@ def test_grounding_net_closed_form():
     expected = patches * width + patches * BOX_DIM  # null patch and position features
     expected += 2 * d_in + d_in * hidden + hidden + hidden * out + out  # LN + 2 linears
     assert count(shapes) == expected == 2_773_632
+
+
+def config_counts(path: str) -> tuple[dict, int]:
+    """Parameters per part of the model a config file describes (no weights), and how many
+    the config trains."""
+    import os
+
+    from sdjax.config import load_config
+    from sdjax.model import abstract_params
+    from sdjax.train.state import flatten, split_trainable
+    from sdjax.train.tasks.subject_diffusion import model_config
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    config = load_config(os.path.join(root, "configs", path))
+    shapes = unbox(abstract_params(model_config(config)[0]))
+    trainable, _ = split_trainable(flatten(shapes), tuple(config.train.trainable))
+    return {k: count(v) for k, v in shapes.items()}, count(trainable)
+
+
+def test_sd2_base_config_describes_the_paper_model():
+    parts, trainable = config_counts("sd2_base.py")
+    assert parts == {
+        "unet": 1_077_126_756,  # SD 2-base + location channel + adapters
+        "text_encoder": 340_387_840,  # OpenCLIP ViT-H text tower
+        "image_encoder": 632_076_800,  # OpenCLIP ViT-H/14
+        "vae": 83_653_863,
+        "grounding": 2_773_632,
+        "cls_mlp": 2_101_248,
+    }
+    assert sum(parts.values()) == 2_138_120_139 and trainable == 582_049_632  # SPEC 4's set
+
+
+def test_sd15_config_matches_the_reference_models():
+    import transformers
+
+    parts, _ = config_counts("sd15.py")
+    with torch.device("meta"):
+        sd15 = {"attention_head_dim": 8, "cross_attention_dim": 768, "use_linear_projection": False}
+        unet = UNet2DConditionModel(**{**SD2_BASE, **sd15})
+        clip = transformers.CLIPModel(
+            transformers.CLIPConfig(
+                text_config=dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                 num_attention_heads=12),
+                vision_config=dict(hidden_size=1024, intermediate_size=4096,
+                                   num_hidden_layers=24, num_attention_heads=16, patch_size=14),
+                projection_dim=768,
+            )
+        )  # fmt: skip
+    position_net = sum(p.numel() for p in unet.position_net.parameters())
+    assert parts["unet"] == sum(p.numel() for p in unet.parameters()) - position_net
+    towers = {n: sum(p.numel() for p in getattr(clip, n).parameters()) for n in
+              ("text_model", "vision_model", "visual_projection")}  # fmt: skip
+    assert parts["text_encoder"] == towers["text_model"]
+    assert parts["image_encoder"] == towers["vision_model"] + towers["visual_projection"]

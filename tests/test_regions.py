@@ -8,10 +8,11 @@ import pytest
 from sdjax.conditioning import subject_region
 from sdjax.models.adapter import GatedSelfAttention
 from sdjax.models.attention import Attention
+from sdjax.models.kernels import augment, factored_mask
 from sdjax.models.regions import (
     Regions,
-    adapter_mask,
-    cross_mask,
+    adapter_factors,
+    cross_factors,
     region_cells,
     token_subjects,
 )
@@ -58,13 +59,13 @@ def test_region_cells_take_any_half_covered_pixel():
 
 def test_masks_shapes_and_unbound_slots():
     r = regions(objs=(True, False))
-    a = np.asarray(adapter_mask(r, H, W, N * P))[0, 0]  # [T+O, T+O]
+    a = np.asarray(factored_mask(*adapter_factors(r, H, W, N * P)))[0, 0]  # [T+O, T+O]
     t = H * W
     assert a.shape == (t + N * P, t + N * P)
     assert a[:t, :t].all() and a[t:].all()  # visual keys, and object queries, unrestricted
     assert np.array_equal(a[:t, t : t + P], np.repeat(inside(0)[:, None], P, 1))
     assert a[:t, t + P :].all()  # subject 1 unbound (a null slot): seen everywhere
-    c = np.asarray(cross_mask(r, H, W))[0, 0]  # [T, L]
+    c = np.asarray(factored_mask(*cross_factors(r, H, W)))[0, 0]  # [T, L]
     assert np.array_equal(c[:, 1], inside(0)) and np.array_equal(c[:, 5], inside(1))
     assert c[:, [0, 2]].all()
 
@@ -81,10 +82,10 @@ def test_adapter_subject_tokens_reach_only_their_region():
     module = GatedSelfAttention(heads=2, head_dim=4)
     params = module.init(jax.random.key(2), x, objs)["params"]
     params = {**params, "alpha_attn": jnp.float32(1.0), "alpha_dense": jnp.float32(0.0)}
-    mask = adapter_mask(regions(), H, W, N * P)
+    factors = adapter_factors(regions(), H, W, N * P)
 
     def apply(x, objs):
-        return module.apply({"params": params}, x, objs, mask)
+        return module.apply({"params": params}, x, objs, factors)
 
     base, moved = _perturbed(apply, slice(P, 2 * P), x, objs)  # subject 1's tokens
     changed = np.abs(base - moved).max(axis=-1)[0] > 1e-6
@@ -96,22 +97,22 @@ def test_cross_attention_subject_tokens_reach_only_their_region():
     context = jax.random.normal(jax.random.key(1), (1, L, D))
     module = Attention(heads=2, head_dim=4)
     params = module.init(jax.random.key(2), x, context)["params"]
-    mask = cross_mask(regions(), H, W)
+    factors = cross_factors(regions(), H, W)
     probe = jnp.asarray([[3, 1, 5, 4]])  # placeholders and labels of both subjects
     out, sown = module.apply(
-        {"params": params}, x, context, probe=probe, mask=mask, mutable=["attn_probs"]
+        {"params": params}, x, context, probe=probe, factors=factors, mutable=["attn_probs"]
     )
     probs = np.asarray(sown["attn_probs"]["probs"][0])[0]  # [T, 4]
     for column, subject in enumerate((0, 0, 1, 1)):
         assert (probs[~inside(subject), column] == 0).all()
         assert (probs[inside(subject), column] > 0).all()
     np.testing.assert_allclose(
-        np.asarray(out), np.asarray(module.apply({"params": params}, x, context, mask=mask))
+        np.asarray(out), np.asarray(module.apply({"params": params}, x, context, factors=factors))
     )
     # Subject 0's placeholder and label tokens (positions 3 and 1) change only its region.
     moved = context.at[:, [1, 3]].set(jax.random.normal(jax.random.key(9), (1, 2, D)))
-    a = np.asarray(module.apply({"params": params}, x, context, mask=mask))
-    b = np.asarray(module.apply({"params": params}, x, moved, mask=mask))
+    a = np.asarray(module.apply({"params": params}, x, context, factors=factors))
+    b = np.asarray(module.apply({"params": params}, x, moved, factors=factors))
     assert np.array_equal(np.abs(a - b).max(axis=-1)[0] > 1e-6, inside(0))
 
 
@@ -125,3 +126,19 @@ def test_subject_region_box_and_silhouette():
     assert 0 < region.sum() < 16 and region[2:6, 2:6].sum() == region.sum()
     tiny = subject_region((0.5, 0.5, 0.51, 0.51), 8)  # between pixel centres
     assert tiny.sum() == 1
+
+
+def test_factored_mask_as_extra_head_dimensions_equals_the_mask():
+    """The form the fused kernels take: masked logits lowered by 2^20 through R extra
+    query/key dimensions give XLA's masked attention."""
+    rng = np.random.default_rng(0)
+    b, t, s, h, d, r = 2, 6, 5, 2, 4, 3
+    q, k, v = (jnp.asarray(rng.standard_normal((b, n, h, d)), jnp.float32) for n in (t, s, s))
+    blocked = jnp.asarray(rng.integers(0, 2, (b, t, r)), jnp.float32)
+    groups = jnp.asarray(rng.integers(0, 2, (b, s, r)), jnp.float32).at[:, 0].set(0.0)
+    scale = d**-0.5
+    masked = jax.nn.dot_product_attention(q, k, v, scale=scale, mask=factored_mask(blocked, groups))
+    qa, ka = augment(q, k, scale, (blocked, groups), multiple=8)
+    assert qa.shape[-1] == 8
+    fused = jax.nn.dot_product_attention(qa, ka, jnp.pad(v, ((0, 0),) * 3 + ((0, 4),)), scale=scale)
+    np.testing.assert_allclose(np.asarray(fused)[..., :d], np.asarray(masked), atol=1e-6)

@@ -45,9 +45,13 @@ def run(pipe, prompt="a red star on white background", subjects=None, **kw):
     return np.stack([np.asarray(im) for im in images])
 
 
+def sampler_cache_size() -> int:
+    return sampling.sampler("cpu")._cache_size()
+
+
 def test_new_prompt_seed_subjects_and_scales_do_not_recompile(pipe):
     run(pipe, num_images=2)
-    before = generate._cache_size()
+    before = sampler_cache_size()
     two = [
         sdjax.Subject(red_square(), "ring", box=(0.1, 0.1, 0.5, 0.6)),
         sdjax.Subject(red_square(9, 9), "square"),
@@ -63,7 +67,7 @@ def test_new_prompt_seed_subjects_and_scales_do_not_recompile(pipe):
         subject_fraction=0.5,
     )
     run(pipe, "green", [], num_images=2, seed=8)
-    assert generate._cache_size() == before
+    assert sampler_cache_size() == before
 
 
 def test_unset_guidance_scales_are_the_models(pipe):
@@ -85,16 +89,17 @@ def test_each_image_of_a_batch_gets_its_own_noise(pipe):
     assert np.abs(images[0].astype(int) - images[1]).max() > 0
 
 
-def test_a_batch_split_over_cpu_devices_gives_the_images_of_one_device(pipe, monkeypatch):
+def test_a_batch_split_over_cpu_devices_gives_the_images_of_one_device(pipe):
     assert len(sampling.split_devices(2)) == 2  # conftest: 8 CPU devices
     assert len(sampling.split_devices(3)) == 1 and len(sampling.split_devices(12)) == 4
-    split = run(pipe, num_images=2, seed=5)
-    monkeypatch.setattr(sampling, "split_devices", lambda batch: jax.local_devices()[:1])
-    generate.clear_cache()
-    try:
-        whole = run(pipe, num_images=2, seed=5)
-    finally:
-        generate.clear_cache()  # the next call traces again, with the real split
+    one = sampling.prepare_inputs(pipe, "a red star", [sdjax.Subject(red_square(), "star")])
+    batch = {k: np.stack([v, v]) for k, v in one.items()}
+    args = (pipe.params, batch, jax.random.key(5), 3.0, 1.5, STEPS)
+
+    def images(devices):
+        return np.asarray(generate(pipe.config, STEPS, *args, devices=devices))
+
+    split, whole = images(None), images(jax.local_devices()[:1])
     assert np.abs(split.astype(int) - whole).max() <= 1
 
 

@@ -38,7 +38,7 @@ from sdjax.eval.toy_metrics import (
 )
 from sdjax.pipeline import save_pipeline
 from sdjax.tokenizer import Tokenizer
-from sdjax.train.init import toy_vocabulary
+from sdjax.train.tasks.vocabulary import toy_vocabulary
 
 WORLD = ToyWorld()
 R = 32  # the toy model's resolution, which the shipped classifier reads

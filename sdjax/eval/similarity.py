@@ -36,8 +36,8 @@ import jax
 import numpy as np
 from PIL import Image
 
-from sdjax.eval.metric_models import CLIPConfig, CLIPModel
 from sdjax.models.clip import CLIPVisionConfig
+from sdjax.models.clip_model import CLIPConfig, CLIPModel
 from sdjax.models.vit import ViT, ViTConfig
 
 ImageLike = Image.Image | str | os.PathLike

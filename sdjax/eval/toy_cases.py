@@ -127,8 +127,9 @@ def _sample(pipeline, inputs: list[dict], subject_steps: int, settings: dict, ba
     import jax
     import jax.numpy as jnp
 
-    from sdjax.sampling import generate
+    from sdjax.sampling import for_platform, generate
 
+    pipeline = for_platform(pipeline, jax.default_backend())
     batches = -(-len(inputs) // settings["batch_size"])
     size = -(-len(inputs) // batches)
     out = []

@@ -6,7 +6,7 @@ Inserted in every transformer block between self- and cross-attention (SPEC 3b):
     x = x + tanh(a_attn)  * SelfAttn(LN1([x, o]))[:, :T]      x `[B, T, D]`
     x = x + tanh(a_dense) * FF_GEGLU(LN2(x))
 
-`mask` (bool `[B, 1, T+N, T+N]`: `regions.adapter_mask`) binds each subject's tokens to
+`factors` (a factored mask: `regions.adapter_factors`) binds each subject's tokens to
 its region. Both gates start at 0, so a fresh adapter is the identity. Names follow diffusers'
 `GatedSelfAttentionDense` (`fuser` in a `BasicTransformerBlock`).
 """
@@ -27,7 +27,7 @@ class GatedSelfAttention(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x, objs, mask=None):
+    def __call__(self, x, objs, factors=None):
         n_visual, width = x.shape[1], x.shape[-1]
         gate_init = partitioned(nn.initializers.zeros_init(), ())
         alpha_attn = self.param("alpha_attn", gate_init, ())
@@ -40,7 +40,7 @@ class GatedSelfAttention(nn.Module):
             dtype=self.dtype,
             implementation=self.implementation,
             name="attn",
-        )(tokens, mask=mask)
+        )(tokens, factors=factors)
         x = x + jnp.tanh(alpha_attn) * attended[:, :n_visual]
         dense_out = FeedForward(dtype=self.dtype, name="ff")(layer_norm(1e-5, name="norm2")(x))
         return x + jnp.tanh(alpha_dense) * dense_out

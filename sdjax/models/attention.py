@@ -1,9 +1,11 @@
 """Multi-head attention and the GEGLU feed-forward, named as in diffusers.
 
 Token tensors are `[B, T, D]`; heads are split inside (`D = heads * head_dim`). The core
-is `jax.nn.dot_product_attention` (cuDNN flash attention on GPU when asked, XLA
-elsewhere). Attention probabilities are only materialised for the key columns a caller
-asks for (`probe`), which is what the cross-attention map loss needs.
+is `sdjax.models.kernels.attend`: XLA, cuDNN's flash attention or Pallas splash
+attention, by the `implementation` a model config chooses ("auto": by backend).
+Attention probabilities are only materialised for the key columns a caller asks for
+(`probe`), which is what the cross-attention map loss needs; they are exact (float32,
+the same mask) whatever kernel computes the attention itself.
 """
 
 from __future__ import annotations
@@ -12,39 +14,50 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sdjax.models.kernels import attend, factored_mask
 from sdjax.models.layers import GroupNorm, constrain, dense
 
 
-def multi_head_attention(q, k, v, heads: int, *, mask=None, is_causal=False, implementation=None):
+def multi_head_attention(
+    q, k, v, heads: int, *, factors=None, is_causal=False, implementation=None
+):
     """softmax(q k^T / sqrt(d)) v per head. q `[B, T, H*d]`, k/v `[B, S, H*d]` -> `[B, T, H*d]`.
 
-    mask: optional boolean, broadcastable to `[B, H, T, S]`, True = attend.
+    factors: an optional factored mask (blocked `[B, T, R]`, groups `[B, S, R]`; see
+    `sdjax.models.kernels`).
     """
     b, t, inner = q.shape
+    d = inner // heads
 
     def split(x):
-        return x.reshape(x.shape[0], x.shape[1], heads, inner // heads)
+        return x.reshape(x.shape[0], x.shape[1], heads, d)
 
-    out = jax.nn.dot_product_attention(
-        split(q), split(k), split(v), mask=mask, is_causal=is_causal, implementation=implementation
+    out = attend(
+        split(q),
+        split(k),
+        split(v),
+        scale=d**-0.5,
+        implementation=implementation or "xla",
+        factors=factors,
+        is_causal=is_causal,
     )
     return out.reshape(b, t, inner)
 
 
-def attention_probs(q, k, heads: int, columns, mask=None):
+def attention_probs(q, k, heads: int, columns, factors=None):
     """Head-averaged softmax(q k^T / sqrt(d)) at chosen key columns, in float32.
 
     q `[B, T, H*d]`, k `[B, S, H*d]`, columns int `[B, K]` -> `[B, T, K]`.
-    The softmax runs over all S keys (those `mask` allows, as in `multi_head_attention`);
-    only the K asked-for columns are kept.
+    The softmax runs over all S keys (those the factored mask allows, as in
+    `multi_head_attention`); only the K asked-for columns are kept.
     """
     b, t, inner = q.shape
     d = inner // heads
     qh = q.reshape(b, t, heads, d).astype(jnp.float32)
     kh = k.reshape(b, k.shape[1], heads, d).astype(jnp.float32)
     logits = jnp.einsum("bthd,bshd->bhts", qh, kh) / jnp.sqrt(jnp.float32(d))
-    if mask is not None:
-        logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    if factors is not None:
+        logits = jnp.where(factored_mask(*factors), logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1)
     picked = jnp.take_along_axis(probs, columns[:, None, None, :], axis=-1)  # [B, H, T, K]
     return picked.mean(axis=1)
@@ -60,8 +73,8 @@ class Attention(nn.Module):
     With `norm_groups` set (the VAE mid-block form) x is an image `[B, H, W, D]`: it is
     group-normalised (`GroupNorm`), attended over its H*W positions, and added back.
 
-    `mask` (bool, broadcastable to `[B, H, T, S]`, True = attend) restricts which keys
-    each query sees (`sdjax.models.regions`).
+    `factors` (a factored mask, `sdjax.models.kernels`) restricts which keys each query
+    sees (`sdjax.models.regions`).
     """
 
     heads: int
@@ -73,7 +86,7 @@ class Attention(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x, context=None, probe=None, mask=None):
+    def __call__(self, x, context=None, probe=None, factors=None):
         if self.norm_groups is not None:
             residual = x
             b, h, w, c = x.shape
@@ -91,9 +104,9 @@ class Attention(nn.Module):
             context
         )
         if probe is not None:
-            self.sow("attn_probs", "probs", attention_probs(q, k, self.heads, probe, mask))
+            self.sow("attn_probs", "probs", attention_probs(q, k, self.heads, probe, factors))
         out = multi_head_attention(
-            q, k, v, self.heads, mask=mask, implementation=self.implementation
+            q, k, v, self.heads, factors=factors, implementation=self.implementation
         )
         out = constrain(out, ("batch", "length", "heads"))
         out = dense(x.shape[-1], ("heads", "embed"), name="to_out_0", dtype=self.dtype)(out)

@@ -51,7 +51,7 @@ class CLIPTextConfig:
     # sdjax settings (not in transformers' math):
     dtype: str = "float32"  # compute dtype of matmuls
     remat: bool = False  # gradient checkpointing of every encoder layer
-    attention_implementation: str | None = None  # None (XLA) or "cudnn"
+    attention_implementation: str | None = None  # None (XLA) or a `kernels` name
 
     model_type: ClassVar[str] = "clip_text_model"
     architecture: ClassVar[str] = "CLIPTextModel"

@@ -14,7 +14,8 @@ subject's tokens. With `ModelConfig.region_attention`, a visual position attends
   objs   bool `[B, N]`: subject k's grounding tokens are bound to its region (False for
          empty or dropped slots, whose null tokens stay visible everywhere);
   tokens int32 `[B, L]`: the subject a text token belongs to, -1 for none.
-Each attention layer sees the regions on its own grid (`region_cells`).
+Each attention layer sees the regions on its own grid (`region_cells`), as a factored
+mask that the fused attention kernels take without a mask tensor (`sdjax.models.kernels`).
 """
 
 from __future__ import annotations
@@ -53,26 +54,27 @@ def region_cells(masks, height: int, width: int):
     return (blocks.max(axis=(3, 5)) >= 0.5).reshape(b, n, height * width)
 
 
-def adapter_mask(regions: Regions, height: int, width: int, num_objs: int):
-    """bool `[B, 1, T+O, T+O]` for the gated self-attention over [visual (T = height*width),
-    objects (O = N*P, subject k's P tokens in a row)]: visual queries see every visual key
-    and the object keys of their own subjects; object queries (discarded) see all."""
+def adapter_factors(regions: Regions, height: int, width: int, num_objs: int):
+    """The gated self-attention's factored mask (`sdjax.models.kernels`) over [visual (T =
+    height*width), objects (O = N*P, subject k's P tokens in a row)]: blocked `[B, T+O, N]`,
+    groups `[B, T+O, N]`. Visual queries see every visual key and the object keys of their
+    own subjects (and of unbound slots); object queries (their outputs are discarded) see
+    all."""
     cells = region_cells(regions.masks, height, width)  # [B, N, T]
     b, n, t = cells.shape
-    per_subject = num_objs // n
-    seen = cells | ~regions.objs[:, :, None]  # [B, N, T]
-    objs_seen = jnp.repeat(jnp.swapaxes(seen, 1, 2), per_subject, axis=2)  # [B, T, O]
-    visual_rows = jnp.concatenate([jnp.ones((b, t, t), bool), objs_seen], axis=2)
-    object_rows = jnp.ones((b, num_objs, t + num_objs), bool)
-    return jnp.concatenate([visual_rows, object_rows], axis=1)[:, None]
+    outside = jnp.swapaxes(~cells, 1, 2).astype(jnp.float32)  # [B, T, N]
+    blocked = jnp.concatenate([outside, jnp.zeros((b, num_objs, n), jnp.float32)], axis=1)
+    owner = jnp.repeat(jnp.eye(n, dtype=jnp.float32), num_objs // n, axis=0)  # [O, N]
+    bound = owner[None] * regions.objs[:, None, :].astype(jnp.float32)  # [B, O, N]
+    groups = jnp.concatenate([jnp.zeros((b, t, n), jnp.float32), bound], axis=1)
+    return blocked, groups
 
 
-def cross_mask(regions: Regions, height: int, width: int):
-    """bool `[B, 1, T, L]`: visual position p sees text token l unless l belongs to a
-    subject whose region does not cover p."""
+def cross_factors(regions: Regions, height: int, width: int):
+    """The cross-attention's factored mask: blocked `[B, T, N]` (position t is outside
+    subject k's region), groups `[B, L, N]` (text token l is subject k's)."""
     cells = region_cells(regions.masks, height, width)  # [B, N, T]
-    owner = regions.tokens  # [B, L]
-    inside = jnp.take_along_axis(
-        jnp.swapaxes(cells, 1, 2), jnp.maximum(owner, 0)[:, None, :], axis=2
-    )  # [B, T, L]: is p in the region of token l's subject
-    return (inside | (owner < 0)[:, None, :])[:, None]
+    n = cells.shape[1]
+    outside = jnp.swapaxes(~cells, 1, 2).astype(jnp.float32)
+    owner = (regions.tokens[:, :, None] == jnp.arange(n)[None, None, :]).astype(jnp.float32)
+    return outside, owner

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 from sdjax.models.adapter import GatedSelfAttention
 from sdjax.models.attention import Attention, FeedForward
 from sdjax.models.layers import GroupNorm, constrain, conv, dense, layer_norm
-from sdjax.models.regions import adapter_mask, cross_mask
+from sdjax.models.regions import adapter_factors, cross_factors
 
 
 class BasicTransformerBlock(nn.Module):
@@ -33,19 +33,19 @@ class BasicTransformerBlock(nn.Module):
     implementation: str | None = None
 
     @nn.compact
-    def __call__(self, x, context, objs=None, probe=None, masks=(None, None)):
-        """masks: (the fuser's, the cross-attention's) region masks, or None each."""
+    def __call__(self, x, context, objs=None, probe=None, factors=(None, None)):
+        """factors: (the fuser's, the cross-attention's) factored region masks, or None."""
         kw = dict(dtype=self.dtype, implementation=self.implementation)
-        objs_mask, text_mask = masks
+        objs_factors, text_factors = factors
         x = x + Attention(self.heads, self.head_dim, name="attn1", **kw)(
             layer_norm(1e-5, name="norm1")(x)
         )
         if self.adapter and objs is not None:
             x = GatedSelfAttention(self.heads, self.head_dim, name="fuser", **kw)(
-                x, objs, objs_mask
+                x, objs, objs_factors
             )
         x = x + Attention(self.heads, self.head_dim, name="attn2", **kw)(
-            layer_norm(1e-5, name="norm2")(x), context, probe=probe, mask=text_mask
+            layer_norm(1e-5, name="norm2")(x), context, probe=probe, factors=text_factors
         )
         x = x + FeedForward(dtype=self.dtype, name="ff")(layer_norm(1e-5, name="norm3")(x))
         return constrain(x, ("batch", "length", "embed"))
@@ -66,12 +66,12 @@ class Transformer2D(nn.Module):
     def __call__(self, x, context, objs=None, probe=None, regions=None):
         b, h, w, c = x.shape
         residual = x
-        masks = (None, None)
+        factors = (None, None)
         if regions is not None:
             with_objs = self.adapter and objs is not None
-            masks = (
-                adapter_mask(regions, h, w, objs.shape[1]) if with_objs else None,
-                cross_mask(regions, h, w),
+            factors = (
+                adapter_factors(regions, h, w, objs.shape[1]) if with_objs else None,
+                cross_factors(regions, h, w),
             )
         x = GroupNorm(self.groups, 1e-6, name="norm")(x)
         if self.linear_projection:
@@ -89,7 +89,7 @@ class Transformer2D(nn.Module):
                 dtype=self.dtype,
                 implementation=self.implementation,
                 name=f"transformer_blocks_{i}",
-            )(x, context, objs, probe, masks)
+            )(x, context, objs, probe, factors)
         if self.linear_projection:
             x = dense(c, ("embed", "embed_out"), name="proj_out", dtype=self.dtype)(x).reshape(
                 b, h, w, c

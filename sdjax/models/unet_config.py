@@ -76,7 +76,7 @@ class UNetConfig:
     probe_layers: tuple[str, ...] = ()  # blocks whose cross-attention maps can be probed
     remat: bool = False  # gradient checkpointing of resnets and transformer blocks
     dtype: str = "float32"  # compute dtype of matmuls/convolutions
-    attention_implementation: str | None = None  # None (XLA) or "cudnn"
+    attention_implementation: str | None = None  # None (XLA) or a `kernels` name
 
     def __post_init__(self):
         levels = len(self.block_out_channels)

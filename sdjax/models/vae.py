@@ -29,6 +29,7 @@ _LOGVAR_RANGE = (-30.0, 20.0)  # diffusers' DiagonalGaussianDistribution clamp
 # config.json keys with no effect on the model's math (latents_mean/std only when null).
 _IGNORED_KEYS = frozenset({"force_upcast"})
 _NULL_ONLY_KEYS = frozenset({"latents_mean", "latents_std"})
+_OURS = frozenset({"dtype"})  # VAEConfig fields that are sdjax's, not diffusers'
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,8 @@ class VAEConfig:
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
+    # sdjax's setting (not diffusers'): compute dtype of convolutions and matmuls.
+    dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("down_block_types", "up_block_types", "block_out_channels", "sample_size"):
@@ -90,7 +93,7 @@ class VAEConfig:
                 if value is not None:
                     _reject(key, f"{value!r} is not supported (only null)")
                 continue
-            if key not in fields:
+            if key not in fields or key in _OURS:
                 _reject(key, "is not a known AutoencoderKL option")
             kwargs[key] = value
         return cls(**kwargs)
@@ -98,7 +101,7 @@ class VAEConfig:
     def to_diffusers(self) -> dict:
         """A dict `diffusers.AutoencoderKL.from_config` accepts."""
         d = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
-        return {"_class_name": "AutoencoderKL", **d}
+        return {"_class_name": "AutoencoderKL", **{k: v for k, v in d.items() if k not in _OURS}}
 
     @property
     def downscale(self) -> int:
@@ -274,10 +277,11 @@ class AutoencoderKL(nn.Module):
         return self.decoder(z).astype(jnp.float32)
 
     def images_to_latents(self, x, rng=None):
-        """Images -> the diffusion model's (scaled) latents: a posterior draw, or its mean
-        when `rng` is None."""
+        """Images `[B, H, W, C]` -> the diffusion model's (scaled) latents: a posterior draw
+        per image with its own key (rng: keys `[B]`), or the posterior mean (rng None).
+        The batch is encoded at once; only the draws are per image."""
         mean, logvar = self.encode(x)
-        z = mean if rng is None else sample_posterior(rng, mean, logvar)
+        z = mean if rng is None else jax.vmap(sample_posterior)(rng, mean, logvar)
         return scale_latents(self.config, z)
 
     def latents_to_images(self, latents):

@@ -2,7 +2,10 @@
 
 Batches split over `data x fsdp`; parameters are sharded by logical-axis rules
 (`sdjax.parallel.sharding`). One device, 8 fake CPU devices and many hosts all use the
-same code; on several hosts `jax.devices()` lists every host's devices.
+same code; on several hosts `jax.devices()` lists every host's devices. On TPU the
+devices are laid out by their physical topology (`mesh_utils.create_device_mesh`, so
+neighbours on an axis are neighbours on the interconnect); over several slices the
+`data` axis spans the slices (data-center network) and the rest stays within a slice.
 """
 
 from __future__ import annotations
@@ -41,9 +44,28 @@ def mesh_shape(sizes: Mapping[str, int], num_devices: int) -> tuple[int, ...]:
 
 def make_mesh(sizes: Mapping[str, int], devices=None) -> Mesh:
     """A mesh over the first prod(shape) devices (all of them when an axis is -1)."""
-    devices = jax.devices() if devices is None else devices
+    devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(sizes, len(devices))
-    return Mesh(np.asarray(devices[: int(np.prod(shape))]).reshape(shape), AXES)
+    return Mesh(device_grid(shape, devices[: int(np.prod(shape))]), AXES)
+
+
+def device_grid(shape: tuple[int, ...], devices: list) -> np.ndarray:
+    """`devices` arranged as `shape` (data, fsdp, tensor): by physical topology on TPU,
+    with `data` across slices when there are several; in list order elsewhere."""
+    if devices[0].platform != "tpu":
+        return np.asarray(devices).reshape(shape)
+    from jax.experimental import mesh_utils
+
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise UserError(f"mesh: the data axis ({shape[0]}) must split over {slices} slices")
+        ici = (shape[0] // slices, *shape[1:])
+        return mesh_utils.create_hybrid_device_mesh(ici, (slices, 1, 1), devices)
+    try:
+        return mesh_utils.create_device_mesh(shape, devices)
+    except (ValueError, NotImplementedError, AssertionError):  # a part of a slice
+        return np.asarray(devices).reshape(shape)
 
 
 def batch_size_per_process(global_batch: int, mesh: Mesh) -> int:

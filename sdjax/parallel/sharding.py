@@ -8,6 +8,7 @@ their first axis.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import flax.linen as nn
@@ -29,16 +30,22 @@ def as_rules(rules) -> tuple:
     )
 
 
+class ReplicationFallback(UserWarning):
+    """A rule asked to split a dimension its mesh axes do not divide: it is replicated."""
+
+
 def tree_shardings(abstract, mesh: Mesh, rules: Rules):
     """NamedShardings for a tree of boxed (logically partitioned) abstract values.
 
-    A dimension that its mesh axes do not divide is replicated instead (tiny models).
+    A dimension that its mesh axes do not divide is replicated instead (tiny models), with
+    one `ReplicationFallback` warning that counts them and names a few.
     """
     specs = nn.get_partition_spec(abstract)
     specs = nn.logical_to_mesh(specs, as_rules(rules))
     shapes = unbox(abstract)
+    replicated_dims = []
 
-    def fit(spec, shape):
+    def fit(path, spec, shape):
         if not isinstance(spec, PartitionSpec):
             return NamedSharding(mesh, PartitionSpec())
         dims = []
@@ -46,9 +53,23 @@ def tree_shardings(abstract, mesh: Mesh, rules: Rules):
             names = (axis,) if isinstance(axis, str) else tuple(axis or ())
             ways = int(np.prod([mesh.shape[n] for n in names])) if names else 1
             dims.append(axis if names and size % ways == 0 else None)
+            if names and ways > 1 and size % ways:
+                replicated_dims.append(f"{jax.tree_util.keystr(path)} ({size} over {ways})")
         return NamedSharding(mesh, PartitionSpec(*dims))
 
-    return jax.tree.map(fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    out = jax.tree_util.tree_map_with_path(
+        fit, specs, shapes, is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
+    if replicated_dims:
+        shown = ", ".join(replicated_dims[:3])
+        more = f" and {len(replicated_dims) - 3} more" if len(replicated_dims) > 3 else ""
+        warnings.warn(
+            f"{len(replicated_dims)} parameter dimensions replicated: their mesh axes do not "
+            f"divide them: {shown}{more}",
+            ReplicationFallback,
+            stacklevel=2,
+        )
+    return out
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

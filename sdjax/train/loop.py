@@ -37,9 +37,9 @@ from sdjax.config import config_to_json
 from sdjax.errors import UserError
 from sdjax.parallel import distributed
 from sdjax.parallel.mesh import batch_size_per_process, make_mesh
-from sdjax.parallel.sharding import as_rules, batch_sharding, global_batch, replicated
+from sdjax.parallel.sharding import as_rules, global_batch, replicated
 from sdjax.train.data_position import resume_state, saved_position
-from sdjax.train.setup import Run, setup_run
+from sdjax.train.run import Run, make_run
 
 
 class TrainingDiverged(UserError):
@@ -133,7 +133,7 @@ def train(config, workdir: str) -> dict:
     rules = as_rules(config.sharding_rules)
     local_batch = batch_size_per_process(config.train.batch_size, mesh)
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-        run = setup_run(config, workdir, mesh, rules, local_batch)
+        run = make_run(config, workdir, mesh, rules, local_batch)
         return _loop(config, workdir, mesh, run)
 
 
@@ -144,7 +144,7 @@ def _start(config, workdir: str, mngr, run: Run):
         if jax.process_index() == 0:
             paths.write_text(paths.resolve(workdir) / "config.json", config_to_json(config))
         return run.initial_state(), 0
-    state, data_state, _ = checkpoint.restore(mngr, latest, run.abstract_state)
+    state, data_state, _ = checkpoint.restore(mngr, latest, run.plan.abstract_state)
     run.loader.set_state(resume_state(data_state, run.loader.layout, latest))
     print(f"resumed from step {latest} in {workdir}")
     return state, latest
@@ -154,7 +154,7 @@ def _loop(config, workdir: str, mesh, run: Run) -> dict:
     train_cfg = config.train
     mngr = checkpoint.manager(workdir, train_cfg.get("max_to_keep", 3))
     state, first = _start(config, workdir, mngr, run)
-    step_fn = run.compile(batch_sharding(mesh), replicated(mesh))
+    step_fn = run.plan.compile()
     distributed.barrier("sdjax_train_compiled")
     meta_info = {"config": json.loads(config_to_json(config)), **run.meta}
     rep = replicated(mesh)

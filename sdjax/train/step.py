@@ -1,5 +1,5 @@
-"""Train steps, compiled once with explicit shardings: a generic `make_step` around a
-task's loss, and Subject-Diffusion's loss.
+"""Train steps: a generic `make_step` around a task's loss, and Subject-Diffusion's loss
+(`sdjax.train.run` compiles them with explicit shardings).
 
     step(state, batch) -> (state, metrics)
 
@@ -14,7 +14,6 @@ does not change what an example gets.
 
 from __future__ import annotations
 
-import time
 from typing import NamedTuple
 
 import jax
@@ -79,18 +78,15 @@ def make_step(losses, tx, lr, ema_decay: float):
 
 def subject_diffusion_losses(config: ModelConfig, loss_cfg: LossConfig):
     """Subject-Diffusion's objective on a batch (module docstring) as `make_step` wants it."""
-    schedule = config.noise.schedule()
     probe_on = loss_cfg.attn_weight > 0 and bool(config.unet.probe_layers)
 
     def losses(trainable, frozen, batch, rng):
+        # Built while tracing: constants of the compiled step, not arrays on a device (the
+        # step may compile for devices that are not here).
+        schedule = config.noise.schedule()
         params = unflatten({**trainable, **frozen})
         k_noise, k_t, k_vae = example_keys(rng, batch["noise_seed"])
-        if config.vae is None:
-            x0 = batch["image"]
-        else:  # a posterior draw per example
-            x0 = jax.vmap(lambda image, k: to_latents(config, params, image[None], k)[0])(
-                batch["image"], k_vae
-            )
+        x0 = to_latents(config, params, batch["image"], k_vae)  # a posterior draw each
         noise = jax.vmap(lambda k: jax.random.normal(k, x0.shape[1:], jnp.float32))(k_noise)
         t = jax.vmap(lambda k: jax.random.randint(k, (), 0, schedule.num_train_timesteps))(k_t)
         x_t = add_noise(schedule, x0, noise, t)
@@ -134,19 +130,3 @@ def make_train_step(config: ModelConfig, train_cfg, loss_cfg: LossConfig, tx):
     """Subject-Diffusion's train step."""
     losses = subject_diffusion_losses(config, loss_cfg)
     return make_step(losses, tx, learning_rate(train_cfg), loss_cfg.ema_decay)
-
-
-def compile_step(
-    step_fn, abstract_state, abstract_batch, state_shardings, batch_sharding, replicated, log=print
-):
-    """AOT-compile the step for these shapes and shardings; the state is donated."""
-    jitted = jax.jit(
-        step_fn,
-        in_shardings=(state_shardings, batch_sharding),
-        out_shardings=(state_shardings, replicated),
-        donate_argnums=0,
-    )
-    start = time.perf_counter()
-    compiled = jitted.lower(abstract_state, abstract_batch).compile()
-    log(f"train step compiled in {time.perf_counter() - start:.1f} s")
-    return compiled

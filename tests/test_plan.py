@@ -1,0 +1,96 @@
+"""`sdjax plan`: the exact train step and sampler compiled for a TPU topology without a TPU
+(libtpu from the test extra), the report's fields, and the one-line errors."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from train_config import ROOT
+
+from sdjax.cli import main
+from sdjax.errors import UserError
+from sdjax.plan import analyse, kernel_flops, target_devices
+
+TINY = f"{ROOT}/tests/train_config.py"
+FIELDS = {
+    "fits",
+    "hbm_per_chip_bytes",
+    "hbm_capacity_bytes",
+    "flops_per_step",
+    "examples_per_step",
+    "params_total",
+    "params_trainable",
+    "optimal_seconds",
+    "projected_mfu",
+}
+
+
+@pytest.fixture(scope="module")
+def tpu():
+    pytest.importorskip("libtpu", reason="the test extra brings libtpu (jax[tpu])")
+    return target_devices("v5p:2x2x1", None)
+
+
+def test_train_step_compiles_for_a_tpu_topology(tpu, tmp_path, capsys):
+    out = str(tmp_path / "plan.json")
+    argv = ["plan", "--config", TINY, "--topology", "v5p:2x2x1", "--json", out]
+    argv += ["--set", "mesh.data=4", "--set", "model.resolution=16"]
+    assert main(argv) == 0
+    with open(out) as f:
+        report = json.load(f)
+    assert set(report) >= FIELDS and report["fits"] and report["devices"] == 4
+    assert report["device_kind"].startswith("TPU v5")
+    assert 0 < report["hbm_per_chip_bytes"] < report["hbm_capacity_bytes"]
+    assert report["examples_per_step"] == 8 and report["params_trainable"] < report["params_total"]
+    # The UNet's 256-token self-attention runs in splash kernels, counted by hand.
+    assert 0 < report["kernel_flops_per_chip"] < report["flops_per_chip"]
+    assert 0 < report["projected_mfu"] < 1 and report["collectives"]["all-reduce"] > 0
+    assert "projected (roofline)" in capsys.readouterr().out
+
+
+def test_a_step_the_chip_cannot_hold_is_reported_not_raised(tpu):
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    sharding = NamedSharding(jax.sharding.Mesh(np.asarray(tpu[:1]), ("x",)), PartitionSpec())
+    big = jax.ShapeDtypeStruct((2**17, 2**17), jnp.float32, sharding=sharding)  # 64 GiB
+    traced = jax.jit(lambda a: jnp.sin(a) * 2.0).trace(big)  # + a 64 GiB result
+    report = analyse(traced.lower(), traced, 1, tpu[:1], log=lambda _: None)
+    assert report["fits"] is False  # a v5p chip holds 95.74 GiB
+
+
+def test_kernel_flops_counts_splash_calls_and_loop_trips(tpu):
+    from sdjax.models.kernels import attend
+
+    q = jnp.zeros((1, 128, 2, 8))
+
+    def once(q):
+        return attend(q, q, q, scale=1.0, implementation="splash")
+
+    def looped(q):
+        return jax.lax.scan(lambda c, _: (once(c), None), q, None, length=3)[0]
+
+    per_call = 2.0 * 2 * 128 * 128 * (8 + 8)  # heads * T * S * (dqk + dv), times 2
+    assert kernel_flops(jax.make_jaxpr(once)(q).jaxpr) == per_call
+    assert kernel_flops(jax.make_jaxpr(looped)(q).jaxpr) == 3 * per_call
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--topology", "v5p:2y2"], "expected e.g. v5p:2x2x4"),
+        (["--sampler", "--batch", "0"], "--batch and --steps must be at least 1"),
+        (["--json", "/nonexistent/dir/p.json"], "output folder does not exist"),
+        (["--devices", "99"], "--devices must be in 1.."),
+    ],
+)
+def test_bad_input_is_one_line(argv, message, capsys):
+    assert main(["plan", "--config", TINY, *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_topology_and_cpu_devices_exclude_each_other():
+    with pytest.raises(UserError, match="not both"):
+        target_devices("v5p:2x2x1", 2)
