@@ -85,8 +85,8 @@ def compile_delta(before: dict, after: dict) -> dict:
 def sample_sdjax(args, save) -> dict:
     import jax
 
-    from sdjax.model import abstract_params
     from sdjax.pipeline import Pipeline, make_tokenizer
+    from sdjax.subject_diffusion import abstract_params
 
     cold_compiles()
     clock = CompileClock()
@@ -223,8 +223,8 @@ def compiled_step(args, model, clock):
     import flax.linen as nn
     import jax
 
-    from sdjax.model import init_params
     from sdjax.models.layers import unbox
+    from sdjax.subject_diffusion import init_params
     from sdjax.train.state import flatten, optimizer
     from sdjax.train.step import make_train_step
 

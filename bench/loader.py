@@ -25,10 +25,10 @@ from sdjax.data import toy
 from sdjax.data.loader import LoaderConfig, make_loader
 from sdjax.data.records import encode_image, image_array
 from sdjax.data.shards import ShardWriter
-from sdjax.model import ModelConfig
 from sdjax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from sdjax.models.unet_config import UNetConfig
 from sdjax.models.vae import VAEConfig
+from sdjax.subject_diffusion import ModelConfig
 from sdjax.tokenizer import Tokenizer
 
 WORKERS = (0, 2)

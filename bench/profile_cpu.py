@@ -63,7 +63,7 @@ def main() -> None:
     from common import random_params
     from sample_cpu import model_config
 
-    from sdjax.model import abstract_params, modules
+    from sdjax.subject_diffusion import abstract_params, modules
 
     config, _ = model_config([])
     params = random_params(abstract_params(config))["unet"]

@@ -112,9 +112,9 @@ def prepare(folder: str, overrides: list[str], batch: int) -> list[dict]:
     import jax
 
     from sdjax.export import export_pipeline
-    from sdjax.model import abstract_params
     from sdjax.pipeline import Pipeline, save_pipeline
     from sdjax.sampling import initial_noise, prepare_inputs
+    from sdjax.subject_diffusion import abstract_params
 
     config, tokenizer = model_config(overrides)
     pipeline = Pipeline(config, random_params(abstract_params(config)), tokenizer)

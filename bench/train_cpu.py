@@ -75,8 +75,8 @@ def load(config_path: str, overrides: list[str]):
 def prepare(folder: str, config_path: str) -> None:
     """Random weights as an sdjax pipeline and exported; the batch in `folder/batch.npz`."""
     from sdjax.export import export_pipeline
-    from sdjax.model import abstract_params
     from sdjax.pipeline import Pipeline, save_pipeline
+    from sdjax.subject_diffusion import abstract_params
 
     config, model, tokenizer = load(config_path, NO_ATTN)
     pipeline = Pipeline(model, random_params(abstract_params(model)), tokenizer)

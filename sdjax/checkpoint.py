@@ -130,8 +130,8 @@ def restore_params(path: str, use_ema: bool | None = None) -> tuple[dict, dict]:
 
 def pipeline_from_training(path: str, use_ema: bool | None = None):
     """A sampling `Pipeline` from a Subject-Diffusion training checkpoint."""
-    from sdjax.model import ModelConfig
     from sdjax.pipeline import Pipeline, make_tokenizer
+    from sdjax.subject_diffusion import ModelConfig
     from sdjax.train.state import unflatten
 
     meta, flat = restore_params(path, use_ema)

@@ -26,7 +26,7 @@ from sdjax.convert.files import (
 )
 from sdjax.convert.keys import flat_to_tree, tree_to_flat
 from sdjax.errors import UserError
-from sdjax.model import ModelConfig, abstract_params
+from sdjax.subject_diffusion import ModelConfig, abstract_params
 from sdjax.tokenizer import Tokenizer
 
 FORMAT = "sdjax-pipeline"

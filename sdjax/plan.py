@@ -223,10 +223,10 @@ def plan_sampler(config, devices, batch: int, steps: int, log=print) -> dict:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sdjax.model import abstract_params
     from sdjax.models.kernels import resolve
     from sdjax.models.layers import unbox
     from sdjax.sampling import bfloat16_model, sampler, split_devices
+    from sdjax.subject_diffusion import abstract_params
     from sdjax.train.tasks.subject_diffusion import model_config
 
     platform = devices[0].platform

@@ -34,7 +34,8 @@ from sdjax.conditioning import auto_boxes, check_box, mask_box, reference_image,
 from sdjax.diffusion.ddim import sample_loop_indexed
 from sdjax.diffusion.guidance import split_branches, stack_branches, three_branch_guidance
 from sdjax.errors import UserError
-from sdjax.model import (
+from sdjax.pipeline import Pipeline
+from sdjax.subject_diffusion import (
     ModelConfig,
     denoise,
     encode_prompt,
@@ -44,7 +45,6 @@ from sdjax.model import (
     subject_regions,
     to_images,
 )
-from sdjax.pipeline import Pipeline
 
 
 @dataclass

@@ -10,7 +10,7 @@ from tiny import tiny_pipeline
 
 from sdjax.errors import UserError
 from sdjax.export import export_pipeline
-from sdjax.model import encode_prompt, ground, subject_location
+from sdjax.subject_diffusion import encode_prompt, ground, subject_location
 
 BOXES = jnp.array([[[0.1, 0.2, 0.5, 0.6], [0.5, 0.5, 0.9, 0.9]]])
 OTHER_BOXES = jnp.array([[[0.0, 0.0, 0.3, 0.3], [0.6, 0.1, 0.9, 0.4]]])

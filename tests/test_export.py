@@ -10,8 +10,8 @@ from tiny import pipeline_for, tiny_config, tiny_latent_config
 import sdjax
 from sdjax.conditioning import location_mask
 from sdjax.export import export_pipeline
-from sdjax.model import ground
 from sdjax.sampling import generate, initial_noise, prepare_inputs
+from sdjax.subject_diffusion import ground
 from sdjax.torch_modules import TorchSubjectDiffusion, load_cls_mlp, load_grounding
 from sdjax.torch_modules import location_mask as torch_location_mask
 
@@ -56,7 +56,7 @@ def test_grounding_and_cls_mlp_match_in_pytorch(exported):
         ref = torch_net(*(torch.from_numpy(a) for a in (patches, boxes, valid, use_box)))
     assert_parity(ours, ref.numpy())
     cls = rng.standard_normal((2, 2, 16)).astype(np.float32)
-    from sdjax.model import modules
+    from sdjax.subject_diffusion import modules
 
     ours = modules(pipe.config)["cls_mlp"].apply({"params": pipe.params["cls_mlp"]}, cls)
     with torch.no_grad():

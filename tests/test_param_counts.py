@@ -77,7 +77,7 @@ def config_counts(path: str) -> tuple[dict, int]:
     import os
 
     from sdjax.config import load_config
-    from sdjax.model import abstract_params
+    from sdjax.subject_diffusion import abstract_params
     from sdjax.train.state import flatten, split_trainable
     from sdjax.train.tasks.subject_diffusion import model_config
 

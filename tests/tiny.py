@@ -6,10 +6,10 @@ import dataclasses
 
 from parity import random_params
 
-from sdjax.model import ModelConfig, abstract_params
 from sdjax.models.clip import CLIPTextConfig, CLIPVisionConfig
 from sdjax.models.unet_config import UNetConfig
 from sdjax.pipeline import Pipeline, make_tokenizer
+from sdjax.subject_diffusion import ModelConfig, abstract_params
 from sdjax.tokenizer import Tokenizer
 
 WORDS = ["a", "red", "blue", "green", "star", "ring", "square", "on", "white", "background", "and"]

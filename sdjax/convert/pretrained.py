@@ -22,8 +22,8 @@ import numpy as np
 
 from sdjax.convert.unet import pad_input_channels
 from sdjax.errors import UserError
-from sdjax.model import ModelConfig, NoiseConfig
 from sdjax.models.clip import CLIPVisionConfig
+from sdjax.subject_diffusion import ModelConfig, NoiseConfig
 from sdjax.train.state import flatten, unflatten
 
 # Fields a pretrained file does not decide: sdjax's settings (compute, adapters, probes)

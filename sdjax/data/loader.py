@@ -34,7 +34,7 @@ from sdjax.errors import UserError
 from sdjax.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from sdjax.model import ModelConfig
+    from sdjax.subject_diffusion import ModelConfig
 
 STATE_FORMAT = "sdjax-loader-1"
 _INT_KEYS = "__int_keys__"  # JSON objects only have string keys; grain's state has int keys

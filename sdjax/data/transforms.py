@@ -37,7 +37,7 @@ from sdjax.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
     from sdjax.data.loader import LoaderConfig
-    from sdjax.model import ModelConfig
+    from sdjax.subject_diffusion import ModelConfig
 
 _FILL = (WHITE, WHITE, WHITE)
 _TOY_ATTRIBUTES = frozenset({"colour", "pattern", "shape"})

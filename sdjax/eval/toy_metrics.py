@@ -43,7 +43,7 @@ from scipy import ndimage
 from sdjax.conditioning import box_pixels, mask_box, normalise, reference_image
 from sdjax.data.toy import PALETTE, ToyWorld
 from sdjax.eval.toy_cases import Case, render, subject_key
-from sdjax.model import encode_subjects
+from sdjax.subject_diffusion import encode_subjects
 
 FOREGROUND_DISTANCE = 70.0
 METRICS = {  # key -> table label

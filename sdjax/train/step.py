@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import optax
 
 from sdjax.diffusion.schedules import add_noise
-from sdjax.model import (
+from sdjax.subject_diffusion import (
     ModelConfig,
     denoise,
     encode_prompt,

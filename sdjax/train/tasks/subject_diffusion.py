@@ -1,6 +1,6 @@
 """The Subject-Diffusion task: the model `config.model` describes, trained on record shards.
 
-`config.model` gives every part's architecture (`sdjax.model.ModelConfig` fields; with
+`config.model` gives every part's architecture (`sdjax.subject_diffusion.ModelConfig` fields; with
 `vocab = "toy"` the text tower knows the toy world's words only), `config.loss` the
 objective (`sdjax.train.step.LossConfig`), `config.init` the optional pretrained weights
 (`sdjax.convert.pretrained`) and `config.data` the records (`sdjax.data.loader`).
@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sdjax.model import ModelConfig, abstract_params, init_params
 from sdjax.models.layers import unbox
+from sdjax.subject_diffusion import ModelConfig, abstract_params, init_params
 from sdjax.tokenizer import Tokenizer
 from sdjax.train.state import TrainState, flatten
 from sdjax.train.step import LossConfig, make_train_step
