@@ -1,4 +1,7 @@
-"""The curation pipeline with stand-in stages: per-image logic, filters, resuming, nouns, CLI."""
+"""The curation pipeline with stand-in stages: per-image logic, filters, resuming, nouns, CLI.
+
+The stand-ins find coloured rectangles; the same stages under Beam are in test_beam_curate.py.
+"""
 
 import io
 import json
@@ -9,7 +12,8 @@ import pytest
 from PIL import Image
 
 from sdjax.cli import main
-from sdjax.data import curate as C
+from sdjax.data import curation as C
+from sdjax.data.curation.output import WORK
 from sdjax.data.nouns import caption_nouns
 from sdjax.data.records import encode_image, mask_array
 from sdjax.data.shards import MANIFEST, RecordSource
@@ -46,7 +50,10 @@ class FakeStages:
         self.captioned += [np.asarray(image).sum() for image in images]
         return [CAPTION] * len(images)
 
-    def detector(self, image, nouns):
+    def detector(self, images, nouns):
+        return [self.detect(image, words) for image, words in zip(images, nouns, strict=True)]
+
+    def detect(self, image, nouns):
         self.detected += 1
         if self.detected == self.fail_at:
             raise RuntimeError("simulated crash")
@@ -60,7 +67,11 @@ class FakeStages:
                 labels.append(noun)
         return C.Detections(np.asarray(boxes, float).reshape(-1, 4), np.asarray(scores), labels)
 
-    def segmenter(self, image, boxes):
+    def segmenter(self, images, boxes):
+        return [self.segment(image, b) for image, b in zip(images, boxes, strict=True)]
+
+    @staticmethod
+    def segment(image, boxes):
         coloured = np.asarray(image).std(axis=-1) > 10  # everything but the gray background
         masks = np.zeros((len(boxes), *coloured.shape), bool)
         for mask, (x1, y1, x2, y2) in zip(masks, np.asarray(boxes, int)):
@@ -96,7 +107,12 @@ def test_curation_keeps_scenes_with_two_good_subjects(curated):
     assert [r.source_id for r in records] == [
         f"img/{i:02d}.png" for i in (0, 1, 2, 6, 7, 8, 12, 13)
     ]
-    assert not os.path.exists(out / ".chunks")
+    assert not os.path.exists(out / WORK)
+    # one shard per block of 4 input images, records in input order
+    assert sorted(f for f in os.listdir(out) if f.startswith("shard-")) == [
+        f"shard-00000-{k:05d}.array_record" for k in range(4)
+    ]
+    assert json.loads((out / "report.json").read_text()) == report.as_dict()
     for record in records:
         i = int(record.source_id[4:6])
         assert record.image == ITEMS[i][1] and record.caption == CAPTION
@@ -115,34 +131,36 @@ def test_curation_keeps_scenes_with_two_good_subjects(curated):
 
 def test_curation_resumes_after_a_crash(curated, tmp_path):
     out = tmp_path / "out"
-    crashing = FakeStages(fail_at=7)  # chunk 2's first detection (chunks 0 and 1 make 6)
+    crashing = FakeStages(fail_at=7)  # block 2's first detection (blocks 0 and 1 make 6)
     with pytest.raises(RuntimeError, match="simulated crash"):
         C.curate(ITEMS, crashing.stages(), str(out), CONFIG)
-    chunks = out / ".chunks"
-    assert sorted(os.listdir(chunks)) == ["chunk-00000", "chunk-00001", "chunk-00002", "plan.json"]
-    assert (chunks / "chunk-00001" / MANIFEST).exists()
-    assert not (chunks / "chunk-00002" / MANIFEST).exists() and not (out / MANIFEST).exists()
-    with pytest.raises(UserError, match="unfinished curation"):
-        C.curate(ITEMS, FakeStages().stages(), str(out), C.CurationConfig(chunk_size=5))
-    with pytest.raises(UserError, match="input has changed"):
-        C.curate(ITEMS[::-1], FakeStages().stages(), str(out), CONFIG)
+    work = out / WORK
+    assert sorted(os.listdir(work / "blocks")) == ["00000-00000.json", "00000-00001.json"]
+    shards = ["shard-00000-00000.array_record", "shard-00000-00001.array_record"]
+    assert sorted(f for f in os.listdir(out) if f.startswith("shard-")) == shards
+    assert not (out / MANIFEST).exists() and not (out / "report.json").exists()
+    for config in (C.CurationConfig(chunk_size=5), CONFIG):  # other settings, other input
+        with pytest.raises(UserError, match="unfinished curation of other input or settings"):
+            C.curate(
+                ITEMS[:: 1 if config is not CONFIG else -1], FakeStages().stages(), str(out), config
+            )
 
     resumed = FakeStages()
     report = C.curate(ITEMS, resumed.stages(), str(out), CONFIG)
-    # Only chunks 2 and 3 ran again: items 8..13 less junk 10 and the small 9.
+    # Only blocks 2 and 3 ran again: items 8..13 less junk 10 and the small 9.
     assert len(resumed.captioned) == 4 and resumed.detected == 4
     reference_out, reference = curated
     assert report == reference
-    a, b = RecordSource(str(out)), RecordSource(str(reference_out))
-    assert [a[i].encode() for i in range(len(a))] == [b[i].encode() for i in range(len(b))]
+    for name in [*shards, "shard-00000-00002.array_record", MANIFEST, "report.json"]:
+        assert (out / name).read_bytes() == (reference_out / name).read_bytes(), name
     with pytest.raises(UserError, match="not empty"):
         C.curate(ITEMS, resumed.stages(), str(out), CONFIG)
 
 
 def test_nms_and_unlabelled_detections():
     class Doubled(FakeStages):
-        def detector(self, image, nouns):
-            found = super().detector(image, nouns)
+        def detect(self, image, nouns):
+            found = super().detect(image, nouns)
             shifted = found.boxes + [1, 0, 1, 0]  # IoU with the original > 0.5
             return C.Detections(
                 np.concatenate([found.boxes, shifted]),

@@ -16,8 +16,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 from sdjax.cli import main  # noqa: E402
-from sdjax.data import curation_models as M  # noqa: E402
-from sdjax.data.curate import CurationConfig, Stages, curate_image  # noqa: E402
+from sdjax.data.curation import CurationConfig, Stages, curate_image  # noqa: E402
+from sdjax.data.curation import models as M  # noqa: E402
 from sdjax.data.records import encode_image, mask_array  # noqa: E402
 from sdjax.data.shards import MANIFEST  # noqa: E402
 from sdjax.errors import UserError  # noqa: E402
@@ -127,17 +127,18 @@ def test_blip2_captions_a_batch(model_dirs):
 
 def test_grounding_dino_detects_with_thresholds(model_dirs):
     path = str(model_dirs / "gdino")
-    found = M.GroundingDinoDetector(path)(IMAGE, ["dog", "cat", "ball"])
+    found = M.GroundingDinoDetector(path).detect(IMAGE, ["dog", "cat", "ball"])
     assert (
         found.boxes.shape == (len(found.labels), 4) and found.scores.shape == found.boxes.shape[:1]
     )
     assert (found.scores > 0.25).all()
     every = M.GroundingDinoDetector(path, box_threshold=0.0, text_threshold=0.0)
-    everything = every(IMAGE, ["dog", "cat", "ball"])
+    everything, again = every([IMAGE, IMAGE], [["dog", "cat", "ball"], ["dog", "cat", "ball"]])
+    np.testing.assert_array_equal(everything.boxes, again.boxes)  # one image per pass
     assert len(everything.labels) == 6  # every query
     assert all(set(label.split()) <= {"dog", "cat", "ball"} for label in everything.labels)
     assert set(np.round(found.scores, 6)) <= set(np.round(everything.scores, 6))
-    assert len(M.GroundingDinoDetector(path, box_threshold=1.0)(IMAGE, ["dog"]).labels) == 0
+    assert len(M.GroundingDinoDetector(path, box_threshold=1.0).detect(IMAGE, ["dog"]).labels) == 0
 
 
 def test_grounded_detections_thresholds_and_labels():
@@ -162,9 +163,24 @@ def test_grounded_detections_thresholds_and_labels():
 
 def test_sam_segments_each_box(model_dirs):
     segmenter = M.SamSegmenter(str(model_dirs / "sam"))
-    masks = segmenter(IMAGE, np.array([[2, 3, 20, 25], [10, 5, 45, 28]], float))
-    assert masks.shape == (2, 30, 50) and masks.dtype == bool
-    assert segmenter(IMAGE, np.zeros((0, 4))).shape == (0, 30, 50)
+    other = Image.fromarray(np.random.default_rng(1).integers(0, 256, (40, 36, 3), dtype=np.uint8))
+    boxes = [np.array([[2, 3, 20, 25], [10, 5, 45, 28]], float), np.array([[1, 2, 30, 33]], float)]
+    masks = segmenter([IMAGE, other], boxes)
+    assert masks[0].shape == (2, 30, 50) and masks[1].shape == (1, 40, 36)
+    assert masks[0].dtype == bool
+    # the batched encoder and our box scaling agree with SamProcessor's one-image path
+    with torch.inference_mode():
+        for image, box, batched in zip([IMAGE, other], boxes, masks):
+            inputs = segmenter.processor(
+                images=image, input_boxes=[box.tolist()], return_tensors="pt"
+            )
+            out = segmenter.model(**inputs, multimask_output=False)
+            alone = segmenter.processor.post_process_masks(
+                out.pred_masks, inputs["original_sizes"], inputs["reshaped_input_sizes"]
+            )[0][:, 0].numpy()
+            assert (alone == batched).mean() > 0.999
+    empty = segmenter([IMAGE, other], [np.zeros((0, 4)), boxes[1]])
+    assert empty[0].shape == (0, 30, 50) and empty[1].shape == (1, 40, 36)
 
 
 def test_adapters_refuse_missing_or_broken_folders(model_dirs, tmp_path):

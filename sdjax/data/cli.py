@@ -84,22 +84,45 @@ def _register_import(sub, parser_class) -> None:
 def _register_curate(sub) -> None:
     curate = sub.add_parser(
         "curate",
-        help="caption, detect, segment and filter a folder of images",
-        description="The authors' curation (SPEC 5) with local BLIP-2, Grounding DINO and SAM "
-        "folders. An interrupted run resumes when the same command is run again.",
+        help="caption, detect, segment and filter images (one process, or Apache Beam)",
+        description="The authors' curation (SPEC 5) with BLIP-2, Grounding DINO and SAM folders "
+        "(save_pretrained; local or gs://). Input: a folder of images, webdataset tars, or COCO "
+        "(--instances); local or gs://. An interrupted run resumes when the same command is "
+        "run again. --beam runs it as an Apache Beam pipeline: every option after --beam is "
+        "Beam's (default: the DirectRunner on every local core; --runner=DataflowRunner ...).",
     )
-    curate.add_argument("images", help="folder of images (searched recursively)")
+    curate.add_argument(
+        "sources", nargs="+", metavar="SOURCE", help="image folder, or webdataset tars (*.tar)"
+    )
+    curate.add_argument("--instances", metavar="JSON", help="COCO instances file (SOURCE: images)")
     for role, model in zip(_MODEL_ROLES, ("BLIP-2", "Grounding DINO", "SAM")):
         curate.add_argument(
             f"--{role}", required=True, metavar="PATH", help=f"{model} folder (save_pretrained)"
         )
-    curate.add_argument("--device", default="cpu", help="torch device (default cpu)")
-    curate.add_argument("--chunk-size", type=int, default=256, help="images per resumable chunk")
-    curate.add_argument("--batch-size", type=int, default=16, help="images per captioner call")
+    curate.add_argument(
+        "--device", default="auto", help="torch device (default auto: a GPU when there is one)"
+    )
+    curate.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="models'"
+    )
+    curate.add_argument(
+        "--chunk-size", type=int, default=256, help="images per block (a shard; resume unit)"
+    )
+    curate.add_argument("--batch-size", type=int, default=16, help="images per model call")
     curate.add_argument(
         "--min-short-side", type=int, default=600, help="skip smaller images (default 600)"
     )
-    _output_args(curate)
+    curate.add_argument("--out", required=True, help="output record folder (local or gs://)")
+    curate.add_argument("--overwrite", action="store_true", help="replace a dataset in --out")
+    curate.add_argument(
+        "--no-filter", action="store_true", help="keep every subject (skip the authors' filters)"
+    )
+    curate.add_argument(
+        "--beam",
+        nargs=argparse.REMAINDER,
+        metavar="BEAM_OPTION",
+        help="run on Apache Beam; the rest of the line is Beam's pipeline options (last)",
+    )
     curate.set_defaults(run=_curate)
 
 
@@ -149,40 +172,54 @@ def _import_folder(args: argparse.Namespace) -> int:
 
 
 def _curate(args: argparse.Namespace) -> int:
-    from sdjax.data import curate
+    import functools
+
+    from sdjax.data.curation import sources, stages
     from sdjax.data.filters import AUTHORS_FILTERS
 
     for role in _MODEL_ROLES:  # before the slow torch import
-        curate.check_model_folder(getattr(args, role), role)
-    images = curate.folder_images(args.images)
-    config = curate.CurationConfig(
+        stages.check_model_folder(getattr(args, role), role)
+    for name in ("chunk_size", "batch_size"):
+        _positive(name.replace("_", "-"), getattr(args, name))
+    config = stages.CurationConfig(
         chunk_size=args.chunk_size,
         batch_size=args.batch_size,
         min_short_side=args.min_short_side,
-        filters=_filters(args, AUTHORS_FILTERS),
-        records_per_shard=args.records_per_shard,
+        filters=None if args.no_filter else AUTHORS_FILTERS,
     )
+    units, described = sources.input_units(args.sources, args.chunk_size, args.instances)
     try:
-        from sdjax.data import curation_models as models
+        from sdjax.data.curation import models
     except ImportError as err:
-        raise UserError(f"curation needs PyTorch (the torch extra): {err}") from None
+        raise UserError(f"curation needs PyTorch (the torch or beam extra): {err}") from None
+    factories = {
+        role: functools.partial(cls, getattr(args, role), device=args.device, dtype=args.dtype)
+        for role, cls in zip(
+            _MODEL_ROLES, (models.Blip2Captioner, models.GroundingDinoDetector, models.SamSegmenter)
+        )
+    }
+    provenance = {"models": {role: _absolute(getattr(args, role)) for role in _MODEL_ROLES}}
+    if args.beam is not None:
+        try:
+            from sdjax.data.curation import beam
+        except ImportError as err:
+            raise UserError(f"--beam needs Apache Beam (the beam extra): {err}") from None
+        report = beam.curate_units(
+            units, described, beam.ModelSteps(**factories), args.out, config, args.beam,
+            provenance, args.overwrite,
+        )  # fmt: skip
+    else:
+        from sdjax.data.curation import local
 
-    stages = curate.Stages(
-        captioner=models.Blip2Captioner(args.captioner, args.device),
-        detector=models.GroundingDinoDetector(args.detector, args.device),
-        segmenter=models.SamSegmenter(args.segmenter, args.device),
-    )
-    models_used = {role: os.path.abspath(getattr(args, role)) for role in _MODEL_ROLES}
-    report = curate.curate(
-        images,
-        stages,
-        args.out,
-        config,
-        provenance={"images": os.path.abspath(args.images), "models": models_used},
-        overwrite=args.overwrite,
-        total=len(images),
-    )
+        built = stages.Stages(**{role: factory() for role, factory in factories.items()})
+        report = local.curate_units(
+            units, described, built, args.out, config, provenance, args.overwrite
+        )
     return _report(report, args.out)
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
 
 
 def _positive(name: str, value: int) -> None:
