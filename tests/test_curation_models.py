@@ -22,10 +22,24 @@ from sdjax.data.records import encode_image, mask_array  # noqa: E402
 from sdjax.data.shards import MANIFEST  # noqa: E402
 from sdjax.errors import UserError  # noqa: E402
 
-WORDS = ["a", "dog", "cat", "ball", "on", "the", "grass", "with", "and"]
+NOUNS = ["dog", "cat", "ball", "grass", "table", "tree", "hat", "cup", "car", "boat"]
+WORDS = ["a", "on", "the", "with", "and", *NOUNS]
 
 
-def _blip2(path) -> None:
+def tiny_models(root, varied: bool = False) -> dict[str, str]:
+    """Tiny random BLIP-2, Grounding DINO and SAM folders under root, by role.
+
+    `varied`: a captioner whose captions change with the image and hold several nouns
+    (weights x10, no repeated word), so every stage after it has work to do."""
+    torch.manual_seed(0)
+    folders = {"captioner": "blip2", "detector": "gdino", "segmenter": "sam"}
+    _blip2(root / "blip2", varied)
+    _grounding_dino(root / "gdino")
+    _sam(root / "sam")
+    return {role: str(root / name) for role, name in folders.items()}
+
+
+def _blip2(path, varied: bool = False) -> None:
     from tokenizers import Tokenizer, models, pre_tokenizers
 
     vocab = {w: i for i, w in enumerate(["<pad>", "</s>", "<unk>", *WORDS])}
@@ -46,13 +60,18 @@ def _blip2(path) -> None:
             bos_token_id=1,
             eos_token_id=1,
             pad_token_id=0,
+            # read by BLIP-2's language model as its generation default
+            no_repeat_ngram_size=1 if varied else 0,
         ).to_dict(),
         num_query_tokens=2,
         image_token_index=processor.tokenizer.convert_tokens_to_ids("<image>"),
     )
-    transformers.Blip2ForConditionalGeneration(config).save_pretrained(
-        path, safe_serialization=True
-    )
+    model = transformers.Blip2ForConditionalGeneration(config)
+    if varied:
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.mul_(10.0)
+    model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
 
 

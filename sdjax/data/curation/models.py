@@ -73,7 +73,7 @@ def _load(model_class, processor_class, path: str, role: str, device: str, dtype
     try:
         folder = _local_folder(path)
         model = model_class.from_pretrained(
-            folder, local_files_only=True, torch_dtype=getattr(torch, dtype)
+            folder, local_files_only=True, dtype=getattr(torch, dtype)
         )
         processor = processor_class.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, AttributeError) as err:
