@@ -246,3 +246,17 @@ def test_cli_curate_runs_the_models(model_dirs, tmp_path, capsys):
         lines[0] == f"kept {report['images_kept']} of 3 images, {report['subjects_kept']} subjects"
     )
     assert manifest["provenance"]["models"]["detector"] == str(model_dirs / "gdino")
+
+
+def test_adapters_run_in_bfloat16(model_dirs):
+    """--dtype bfloat16 (GPU workers): BLIP-2 and SAM in bfloat16, Grounding DINO autocast."""
+    image = IMAGE.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+    captioner = M.Blip2Captioner(str(model_dirs / "blip2"), dtype="bfloat16", max_new_tokens=3)
+    assert captioner.model.dtype == torch.bfloat16 and len(captioner([IMAGE, image])) == 2
+    detector = M.GroundingDinoDetector(
+        str(model_dirs / "gdino"), dtype="bfloat16", box_threshold=0, text_threshold=0
+    )
+    found = detector([IMAGE], [["dog", "cat"]])[0]
+    assert len(found.labels) == 6 and found.boxes.dtype == np.float64
+    masks = M.SamSegmenter(str(model_dirs / "sam"), dtype="bfloat16")([IMAGE], [found.boxes[:2]])
+    assert masks[0].shape == (2, 30, 50) and masks[0].dtype == bool

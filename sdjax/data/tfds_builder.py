@@ -14,6 +14,11 @@ TFDS serialises floats as float32 (tf.train.Example has no float64), so boxes an
 come back rounded to float32; everything else is exact. Images are `Tensor(shape=(),
 dtype=object)` bytes, not `Image` features, because writing those needs TensorFlow.
 Reading a built dataset needs only the `name` and `data_dir`, not the record folders.
+
+Large folders (a Beam curation's output, `sdjax data curate --beam`) build with TFDS's own
+Beam support: `SdjaxRecords(splits=..., beam=True)` reads each shard in a Beam worker, and
+`download_and_prepare(download_config=tfds.download.DownloadConfig(beam_options=
+PipelineOptions([...])))` runs it on the DirectRunner, Dataflow, Flink or Spark.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import json
 import numpy as np
 import tensorflow_datasets as tfds
 
+from sdjax import paths
 from sdjax.data.records import Record
-from sdjax.data.shards import RecordSource
+from sdjax.data.shards import RecordSource, read_manifest
 from sdjax.errors import UserError
 
 
@@ -60,10 +66,12 @@ class SdjaxRecords(tfds.core.GeneratorBasedBuilder):
     VERSION = tfds.core.Version("1.0.0")
     RELEASE_NOTES = {"1.0.0": "sdjax record schema 1."}
 
-    def __init__(self, *, splits: dict[str, str] | None = None, **kwargs):
-        """`splits`: split name -> record folder; needed to build, not to read."""
+    def __init__(self, *, splits: dict[str, str] | None = None, beam: bool = False, **kwargs):
+        """`splits`: split name -> record folder; needed to build, not to read. `beam`:
+        generate with Apache Beam, one shard per element (see the module docstring)."""
         kwargs.setdefault("file_format", "array_record")
         self._record_dirs = dict(splits or {})
+        self._beam = beam
         super().__init__(**kwargs)
 
     def _info(self) -> tfds.core.DatasetInfo:
@@ -98,9 +106,35 @@ class SdjaxRecords(tfds.core.GeneratorBasedBuilder):
         return {name: self._generate_examples(root) for name, root in self._record_dirs.items()}
 
     def _generate_examples(self, root: str):
-        source = RecordSource(root)
-        for i in range(len(source)):
-            record = source[i]
-            if record is None:
-                raise UserError(f"{root}: record {i} is damaged")
-            yield record.source_id, example(record)
+        return _beam_examples(root) if self._beam else _examples(root)
+
+
+def _examples(root: str):
+    source = RecordSource(root)
+    for i in range(len(source)):
+        record = source[i]
+        if record is None:
+            raise UserError(f"{root}: record {i} is damaged")
+        yield record.source_id, example(record)
+
+
+def _beam_examples(root: str):
+    """A PTransform making (source id, example) from every shard of a record folder."""
+    import apache_beam as beam
+
+    shards = read_manifest(root)["shards"]
+    return beam.Create([(root, shard) for shard in shards]) | beam.FlatMapTuple(_shard_examples)
+
+
+def _shard_examples(root: str, shard: dict):
+    import grain
+
+    path = paths.local_copy(paths.join(root, shard["file"]), expected_size=shard["bytes"])
+    source = grain.sources.ArrayRecordDataSource([path])
+    if len(source) != shard["count"]:
+        raise UserError(
+            f"shard {path} has {len(source)} records, the manifest says {shard['count']}"
+        )
+    for i in range(len(source)):
+        record = Record.decode(source[i])
+        yield record.source_id, example(record)

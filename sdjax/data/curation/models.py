@@ -155,10 +155,18 @@ class GroundingDinoDetector:
         text_threshold: float = TEXT_THRESHOLD,
         dtype: str = "float32",
     ):
+        # float32 weights, lower precision through autocast: transformers' Grounding DINO
+        # makes float32 tensors inside, which a bfloat16 model refuses
         self.model, self.processor = _load(
-            GroundingDinoForObjectDetection, GroundingDinoProcessor, path, "detector", device, dtype
+            GroundingDinoForObjectDetection,
+            GroundingDinoProcessor,
+            path,
+            "detector",
+            device,
+            "float32",
         )
         self.device = self.model.device
+        self.autocast = getattr(torch, dtype)
         self.box_threshold, self.text_threshold = box_threshold, text_threshold
         tokenizer = self.processor.tokenizer
         separator = tokenizer.convert_tokens_to_ids(".")
@@ -171,8 +179,9 @@ class GroundingDinoDetector:
     def detect(self, image: Image.Image, nouns: list[str]) -> Detections:
         prompt = " ".join(f"{noun.strip().lower()}." for noun in nouns)
         inputs = self.processor(images=image, text=prompt, return_tensors="pt").to(self.device)
-        inputs["pixel_values"] = inputs["pixel_values"].to(self.model.dtype)
-        outputs = self.model(**inputs)
+        lower = self.autocast != torch.float32
+        with torch.autocast(self.device.type, dtype=self.autocast, enabled=lower):
+            outputs = self.model(**inputs)
         ids = inputs["input_ids"][0].tolist()
         return grounded_detections(
             probs=outputs.logits[0, :, : len(ids)].sigmoid().float().cpu().numpy(),

@@ -94,13 +94,34 @@ def _remove_tree(path: str) -> None:
 
 
 def _finished_blocks(work: str) -> dict[tuple[int, int], dict]:
-    done = {}
     folder = paths.join(work, _BLOCKS)
-    for name in paths.listdir(folder):
-        if name.endswith(".json") and not name.startswith("."):
-            result = json.loads(paths.read_text(paths.join(folder, name)))
-            done[tuple(result["block"])] = result
-    return done
+    names = [n for n in paths.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
+    results = [json.loads(data) for data in _read_all([paths.join(folder, n) for n in names])]
+    return {tuple(result["block"]): result for result in results}
+
+
+def _gcs():
+    import fsspec
+
+    paths.configure_gcs()
+    return fsspec.filesystem("gs")
+
+
+def _read_all(files: list[str]) -> list[bytes]:
+    """The files' contents; a bucket's fetched concurrently (a resumed run may have
+    hundreds of thousands of block reports)."""
+    if files and paths.is_remote(files[0]):
+        fetched = _gcs().cat(files)
+        return [fetched[f.removeprefix("gs://")] for f in files]
+    return [paths.read_bytes(f) for f in files]
+
+
+def _sizes(folder: str) -> dict[str, int]:
+    """Size by file name of a folder's files, in one listing."""
+    if paths.is_remote(folder):
+        listed = _gcs().ls(folder, detail=True)
+        return {e["name"].rsplit("/", 1)[-1]: e["size"] for e in listed if e["type"] == "file"}
+    return {e.name: e.stat().st_size for e in os.scandir(folder) if e.is_file()}
 
 
 def write_block(out_dir: str, block: tuple[int, int], outcomes: Iterable[Outcome]) -> dict:
@@ -159,9 +180,10 @@ def finish(out_dir: str, results: Iterable[dict], provenance: dict) -> FilterRep
     for result in results:
         report.merge(FilterReport.from_dict(result["report"]))
     shards = [r["shard"] for r in results if r["shard"] is not None]
+    sizes = _sizes(out_dir)
     for shard in shards:
-        path = paths.join(out_dir, shard["file"])
-        if not paths.exists(path) or paths.size(path) != shard["bytes"]:
+        if sizes.get(shard["file"]) != shard["bytes"]:
+            path = paths.join(out_dir, shard["file"])
             raise UserError(f"shard {path} is missing or not whole: rerun the same command")
     text = json.dumps(report.as_dict(), indent=2, sort_keys=True) + "\n"
     paths.write_text(paths.join(out_dir, REPORT), text)

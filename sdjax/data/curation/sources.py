@@ -13,6 +13,9 @@ blocks of `chunk_size` in reading order. Block `(u, k)` is images `k * chunk_siz
 unit `u` (a listing's units are all unit 0, block k); it becomes the shard
 `shard-UUUUU-KKKKK.array_record`. So a block's content, its shard's name and the order of
 records in it depend on the input alone, never on the runner or the worker count.
+
+A listing is made where the command runs and travels in the job's description; for
+millions of images use tars (a unit is then one path).
 """
 
 from __future__ import annotations
