@@ -62,12 +62,12 @@ class ModelConfig:
     resolution: output image size in pixels. max_subjects: subject slots N.
     vocab_subset: CLIP ids the text encoder knows (None: the whole CLIP vocabulary).
     single_subject_box: give GroundingNet box coordinates when only one subject is shown
-    (the authors turn them off; SPEC 3b). auto_box_fill: how much of the image the
+    (the authors turn them off; docs/method.md §3b). auto_box_fill: how much of the image the
     sampler's automatic boxes span (`conditioning.auto_boxes`); set it near the size of the
     subjects the model was trained on. text_scale / image_scale: the guidance scales the
     sampler uses when not told (the paper's 7.5 / 1.5; a small model may want less).
 
-    Ablations (SPEC 7; all on in the method): location_control feeds the location mask
+    Ablations (docs/method.md §7; all on in the method): location_control feeds the location mask
     (off: the channel is always the dropped, all-zero mask); box_coordinates gives
     GroundingNet the boxes (off: never); cls_feature fuses each subject's CLS embedding at
     its placeholder token (off: the text encoder reads the prompt alone).

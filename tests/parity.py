@@ -17,7 +17,7 @@ def assert_parity(ours, ref, tol: float = 1e-4):
     assert err <= tol, f"relative max error {err:.3g} > {tol:g}"
 
 
-def randomize_(module, std: float = 0.2, seed: int = 0):
+def randomise_(module, std: float = 0.2, seed: int = 0):
     """Give every parameter of a PyTorch module random values (zero-init ones included)."""
     import torch
 

@@ -1,4 +1,4 @@
-"""The ablation switches of ModelConfig (SPEC 7) remove exactly their input."""
+"""The ablation switches of ModelConfig (docs/method.md §7) remove exactly their input."""
 
 import dataclasses
 

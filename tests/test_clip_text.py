@@ -20,7 +20,7 @@ import pytest
 import torch
 import transformers
 from flax import traverse_util
-from parity import assert_parity, randomize_
+from parity import assert_parity, randomise_
 
 from sdjax.convert.clip import (
     CONFIG,
@@ -80,7 +80,7 @@ def reference(request, tmp_path_factory):
     act = request.param
     eos_token_id, eos, pad = ACTS[act]
     config = transformers.CLIPTextConfig(**TINY, hidden_act=act, eos_token_id=eos_token_id)
-    ref = randomize_(transformers.CLIPTextModel(config)).eval()
+    ref = randomise_(transformers.CLIPTextModel(config)).eval()
     folder = str(tmp_path_factory.mktemp(f"text_{act}"))
     ref.save_pretrained(folder, safe_serialization=True)
     return ref, folder, _ids(eos, pad)

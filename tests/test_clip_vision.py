@@ -18,7 +18,7 @@ import torch
 import transformers
 from flax import traverse_util
 from open_clip_ref import load_open_clip_transformer
-from parity import assert_parity, nchw, randomize_
+from parity import assert_parity, nchw, randomise_
 from safetensors.torch import save_file
 
 from sdjax.convert.clip import (
@@ -62,7 +62,7 @@ def _encode(config, params, images):
 def hf_reference(tmp_path_factory):
     """(transformers CLIPVisionModelWithProjection with random weights, its saved folder)."""
     config = transformers.CLIPVisionConfig(**TINY, hidden_act="quick_gelu")
-    ref = randomize_(transformers.CLIPVisionModelWithProjection(config)).eval()
+    ref = randomise_(transformers.CLIPVisionModelWithProjection(config)).eval()
     folder = str(tmp_path_factory.mktemp("vision"))
     ref.save_pretrained(folder, safe_serialization=True)
     return ref, folder
@@ -136,7 +136,7 @@ def _open_clip_tower(width, heads, act):
         output_dim=24,
         act_layer=act_layer,
     )
-    return randomize_(tower).eval()
+    return randomise_(tower).eval()
 
 
 def _state(tower):

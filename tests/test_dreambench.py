@@ -19,7 +19,7 @@ from statistics import fmean
 import numpy as np
 import pytest
 import transformers
-from parity import randomize_
+from parity import randomise_
 from PIL import Image
 from tiny import tiny_pipeline
 
@@ -66,7 +66,7 @@ def models(tmp_path_factory):
         patch_size=8,
         layer_norm_eps=1e-6,
     )
-    randomize_(transformers.ViTModel(dino, add_pooling_layer=False)).save_pretrained(
+    randomise_(transformers.ViTModel(dino, add_pooling_layer=False)).save_pretrained(
         str(root / "dino"), safe_serialization=True
     )
     tower = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
@@ -76,7 +76,7 @@ def models(tmp_path_factory):
         vision_config=dict(tower, image_size=32, patch_size=8),
         projection_dim=16,
     )
-    randomize_(transformers.CLIPModel(clip), seed=1).save_pretrained(
+    randomise_(transformers.CLIPModel(clip), seed=1).save_pretrained(
         str(root / "clip"), safe_serialization=True
     )
     return {name: str(root / name) for name in ("pipeline", "dino", "clip")}
@@ -173,7 +173,7 @@ def test_run_writes_images_tables_and_page(first_run):
     )
     assert "quoted from the Subject-Diffusion paper" in table
     assert (
-        "| UNO (FLUX, 2025) * | 0.542 | 0.733 | 0.322 |" in Path(first_run, "pairs.md").read_text()
+        "| UNO (FLUX, 2025) † | 0.542 | 0.733 | 0.322 |" in Path(first_run, "pairs.md").read_text()
     )
 
 

@@ -21,7 +21,7 @@ import torch
 import transformers
 from flax import traverse_util
 from open_clip_ref import load_open_clip_transformer
-from parity import assert_parity, nchw, randomize_
+from parity import assert_parity, nchw, randomise_
 from safetensors.torch import save_file
 
 from sdjax.convert.files import CheckpointError
@@ -91,7 +91,7 @@ def _jitted(config):
 def hf_reference(tmp_path_factory):
     """(transformers CLIPModel with random weights, its saved folder)."""
     config = transformers.CLIPConfig(text_config=TEXT, vision_config=VISION, projection_dim=EMBED)
-    ref = randomize_(transformers.CLIPModel(config)).eval()
+    ref = randomise_(transformers.CLIPModel(config)).eval()
     folder = str(tmp_path_factory.mktemp("clip"))
     ref.save_pretrained(folder, safe_serialization=True)
     return ref, folder
@@ -126,7 +126,7 @@ def _open_clip_model():
     text = oc.TextTransformer(context_length=16, vocab_size=1000, width=48, **common)
     logit_scale = torch.nn.Parameter(torch.tensor(0.0))
     for i, module in enumerate((visual, text)):
-        randomize_(module, seed=i).eval()
+        randomise_(module, seed=i).eval()
     with torch.no_grad():
         logit_scale.fill_(1.3)
     return visual, text, logit_scale

@@ -1,5 +1,5 @@
-"""Parameter counts of the paper-size model (SPEC 3): the SD 2-base UNet with the location
-channel and adapters, and GroundingNet, against closed-form counts and against diffusers'
+"""Parameter counts of the paper-size model (docs/method.md §3): the SD 2-base UNet with the
+location channel and adapters, and GroundingNet, against closed-form counts and against diffusers'
 own gated UNet (built on the meta device: no memory, no weights)."""
 
 import jax
@@ -47,7 +47,7 @@ def test_sd2_base_unet_with_adapters_matches_diffusers_and_closed_form():
     # transformer blocks: 5 at 320 and 640 channels (2 down, 3 up), 6 at 1280 (2+3+mid)
     expected_adapters = 5 * adapter_count(320, 1024) + 5 * adapter_count(640, 1024)
     expected_adapters += 6 * adapter_count(1280, 1024)
-    assert adapters == expected_adapters == 211_213_152  # SPEC: ~211M
+    assert adapters == expected_adapters == 211_213_152  # the paper's code: ~211M
     location_channel = 320 * 3 * 3  # conv_in's extra input channel
     assert count(shapes) == SD2_BASE_UNET + location_channel + expected_adapters
     with torch.device("meta"):
@@ -98,7 +98,7 @@ def test_sd2_base_config_describes_the_paper_model():
         "grounding": 2_773_632,
         "cls_mlp": 2_101_248,
     }
-    assert sum(parts.values()) == 2_138_120_139 and trainable == 582_049_632  # SPEC 4's set
+    assert sum(parts.values()) == 2_138_120_139 and trainable == 582_049_632  # §4's set
 
 
 def test_sd15_config_matches_the_reference_models():

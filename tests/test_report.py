@@ -23,7 +23,7 @@ from PIL import Image
 from sdjax.convert.files import write_json
 from sdjax.errors import UserError
 from sdjax.eval.dreambench import RESULTS, SETTINGS, Settings, append_result
-from sdjax.eval.report import summarize, write_report, write_tables
+from sdjax.eval.report import SOURCES, summarise, write_report, write_tables
 
 # name -> per prompt, per image DINO scores (CLIP-I = DINO / 2, CLIP-T = 0.3 each).
 DINO = {
@@ -90,13 +90,13 @@ def out(tmp_path) -> Path:
 
 def test_summary_averages_images_then_prompts_then_subjects(out):
     records = [json.loads(line) for line in (out / RESULTS).read_text().splitlines()]
-    single = summarize(records, "single")
+    single = summarise(records, "single")
     assert single["subjects"]["dog"]["dino"] == pytest.approx((0.6 + 0.9) / 2)
     assert single["subjects"]["backpack"]["dino"] == pytest.approx(0.3)
     assert single["overall"]["dino"] == pytest.approx((0.75 + 0.3) / 2)
     assert single["overall"]["clip_i_l14"] == pytest.approx((0.75 + 0.3) / 4)
     assert single["coverage"] == {"subjects": 2, "prompts": 3, "images": 6, "complete": False}
-    assert summarize(records, "pairs")["overall"]["clip_t"] == pytest.approx(0.3)
+    assert summarise(records, "pairs")["overall"]["clip_t"] == pytest.approx(0.3)
 
 
 def test_tables_quote_the_paper_and_show_l14(out):
@@ -113,21 +113,27 @@ def test_tables_quote_the_paper_and_show_l14(out):
     assert "| real images * | 0.774 | 0.885 | - | - | - |" in table
     assert "| dog | dog | 2 | 4 | 0.750 |" in table
     assert "quoted from the Subject-Diffusion paper" in table and "(partial)" in table
+    # UNO's rows come from UNO's paper, and say so (not "the Subject-Diffusion paper").
+    assert "| UNO (FLUX, 2025) † | 0.760 | 0.835 | 0.304 | - | - |" in table
+    assert "† quoted from the UNO paper" in table
     pairs = json.loads((out / "pairs.json").read_text())
     assert pairs["paper"][0] == {
         "method": "Subject-Diffusion",
         "dino": 0.506,
         "clip_i": 0.696,
         "clip_t": 0.31,
+        "source": SOURCES["*"],
     }
     assert pairs["overall"]["dino"] == pytest.approx(0.35)
     assert pairs["settings"]["clip_l14"] == "/clip-l14"
+    assert "UNO paper" in pairs["paper"][1]["source"]
 
 
 def test_page_holds_tables_prompts_and_boxes(out):
     page = Path(write_report(str(out))).read_text()
     assert page.count("<img ") == 10 + 4  # 2 per prompt, 4 references (1 + 1 + 2)
     assert "Subject-Diffusion *" in page and "a dog and a backpack on the beach" in page
+    assert "UNO (FLUX, 2025) †" in page and "quoted from the UNO paper" in page
     assert 'style="left:5.0%;top:20.0%;width:40.0%;height:60.0%"' in page
     assert 'src="../images/dog%2Bbackpack/01_1.png"' in page
     assert "<script" not in page

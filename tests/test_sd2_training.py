@@ -13,7 +13,7 @@ import torch
 import transformers
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from open_clip_ref import load_open_clip_transformer
-from parity import randomize_
+from parity import randomise_
 from safetensors.torch import save_file
 from sd2_tiny import OVERRIDES
 
@@ -52,7 +52,7 @@ def write_sd2_folder(root: str) -> None:
         use_linear_projection=True,
         norm_num_groups=4,
     )
-    randomize_(unet, std=0.1).save_pretrained(os.path.join(root, "unet"), safe_serialization=True)
+    randomise_(unet, std=0.1).save_pretrained(os.path.join(root, "unet"), safe_serialization=True)
     vae = AutoencoderKL(
         block_out_channels=(8, 16),
         down_block_types=("DownEncoderBlock2D",) * 2,
@@ -62,7 +62,7 @@ def write_sd2_folder(root: str) -> None:
         norm_num_groups=4,
         sample_size=32,
     )
-    randomize_(vae, std=0.1).save_pretrained(os.path.join(root, "vae"), safe_serialization=True)
+    randomise_(vae, std=0.1).save_pretrained(os.path.join(root, "vae"), safe_serialization=True)
     text = transformers.CLIPTextModel(
         transformers.CLIPTextConfig(
             vocab_size=49408,
@@ -90,7 +90,7 @@ def write_open_clip(path: str) -> None:
     tower = oc.VisionTransformer(
         image_size=16, patch_size=8, width=64, layers=1, heads=1, mlp_ratio=4.0, output_dim=16
     )
-    save_file({k: v.contiguous() for k, v in randomize_(tower).state_dict().items()}, path)
+    save_file({k: v.contiguous() for k, v in randomise_(tower).state_dict().items()}, path)
 
 
 @pytest.fixture(scope="module")

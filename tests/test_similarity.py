@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from parity import assert_parity, nchw, randomize_
+from parity import assert_parity, nchw, randomise_
 from PIL import Image
 
 from sdjax.eval.metric_models import load_clip, load_dino
@@ -129,7 +129,7 @@ def dino(tmp_path_factory):
         patch_size=8,
         layer_norm_eps=1e-6,
     )
-    ref = randomize_(transformers.ViTModel(config, add_pooling_layer=False)).eval()
+    ref = randomise_(transformers.ViTModel(config, add_pooling_layer=False)).eval()
     folder = str(tmp_path_factory.mktemp("dino"))
     ref.save_pretrained(folder, safe_serialization=True)
     return ref, load_dino(folder)
@@ -156,7 +156,7 @@ def clip(tmp_path_factory):
         vision_config=dict(tower, image_size=32, patch_size=8),
         projection_dim=24,
     )
-    ref = randomize_(transformers.CLIPModel(config)).eval()
+    ref = randomise_(transformers.CLIPModel(config)).eval()
     folder = str(tmp_path_factory.mktemp("clip"))
     ref.save_pretrained(folder, safe_serialization=True)
     return ref, load_clip(folder)

@@ -10,7 +10,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from flax import traverse_util
 from flax.linen import meta
-from parity import assert_parity, nchw, nhwc, random_params, randomize_
+from parity import assert_parity, nchw, nhwc, random_params, randomise_
 
 from sdjax.convert.unet import abstract_unet, extend_unet, unet_from_diffusers, unet_to_diffusers
 from sdjax.models.adapter import GatedSelfAttention
@@ -54,7 +54,7 @@ class PassObjs(torch.nn.Module):
 
 
 def reference(config, tmp_path, seed=0):
-    model = randomize_(UNet2DConditionModel(**config), std=0.15, seed=seed).eval()
+    model = randomise_(UNet2DConditionModel(**config), std=0.15, seed=seed).eval()
     model.save_pretrained(tmp_path, safe_serialization=True)
     model.position_net = PassObjs()
     return model

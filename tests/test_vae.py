@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import AutoencoderKL as TorchVAE
-from parity import assert_parity, nchw, nhwc, randomize_
+from parity import assert_parity, nchw, nhwc, randomise_
 
 from sdjax.convert.files import write_json, write_safetensors
 from sdjax.convert.keys import flax_to_torch
@@ -43,7 +43,7 @@ TINY = dict(
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """(PyTorch VAE with random weights, the folder it saved itself to)."""
-    ref = randomize_(TorchVAE(**TINY)).eval()
+    ref = randomise_(TorchVAE(**TINY)).eval()
     folder = str(tmp_path_factory.mktemp("vae"))
     ref.save_pretrained(folder, safe_serialization=True)
     return ref, folder

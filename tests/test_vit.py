@@ -18,7 +18,7 @@ import pytest
 import torch
 import transformers
 from flax import traverse_util
-from parity import assert_parity, nchw, randomize_
+from parity import assert_parity, nchw, randomise_
 from safetensors.torch import load_file, save_file
 
 from sdjax.convert.files import CheckpointError, read_json, write_json
@@ -64,7 +64,7 @@ def images():
 def reference(tmp_path_factory):
     """(transformers ViTModel without pooler, random weights; its saved folder)."""
     ref = transformers.ViTModel(transformers.ViTConfig(**TINY), add_pooling_layer=False)
-    ref = randomize_(ref).eval()
+    ref = randomise_(ref).eval()
     folder = str(tmp_path_factory.mktemp("dino"))
     ref.save_pretrained(folder, safe_serialization=True)
     return ref, folder

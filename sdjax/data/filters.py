@@ -1,4 +1,4 @@
-"""The authors' data filters (SPEC section 5) as pure functions, and `filter_subjects`.
+"""The authors' data filters (docs/method.md §5) as pure functions, and `filter_subjects`.
 
 Two groups. Curation-time filters decide what the curation pipeline keeps of an image's
 caption and detections (noun count, detector thresholds, detection count, NMS, short side).
@@ -48,22 +48,22 @@ MIN_CROP_BOX_AREA = 200.0  # square pixels of the 512 px training crop
 
 
 def noun_count_ok(count: int, low: int = MIN_NOUNS, high: int = MAX_NOUNS) -> bool:
-    """SPEC 5: a caption is used when it has 3 to 8 nouns (both ends included)."""
+    """A caption is used when it has 3 to 8 nouns (both ends included)."""
     return low <= count <= high
 
 
 def confident_boxes(box_scores, threshold: float = BOX_THRESHOLD) -> np.ndarray:
-    """SPEC 5: Grounding DINO queries kept: best token probability > 0.25 (strict). [N] bool."""
+    """Grounding DINO queries kept: best token probability > 0.25 (strict). [N] bool."""
     return np.asarray(box_scores, np.float64) > threshold
 
 
 def label_tokens(token_scores, threshold: float = TEXT_THRESHOLD) -> np.ndarray:
-    """SPEC 5: prompt tokens that make a query's label: probability > 0.2 (strict)."""
+    """Prompt tokens that make a query's label: probability > 0.2 (strict)."""
     return np.asarray(token_scores, np.float64) > threshold
 
 
 def detection_count_ok(count: int, low: int = MIN_DETECTIONS, high: int = MAX_DETECTIONS) -> bool:
-    """SPEC 5: an image is used when the detector finds 2 to 8 boxes (both ends included)."""
+    """An image is used when the detector finds 2 to 8 boxes (both ends included)."""
     return low <= count <= high
 
 
@@ -89,7 +89,7 @@ def box_iou(a, b) -> np.ndarray:
 
 
 def nms(boxes, scores, iou_threshold: float = NMS_IOU) -> np.ndarray:
-    """SPEC 5: greedy non-maximum suppression at IoU 0.5; int [K] kept indices, best first.
+    """Greedy non-maximum suppression at IoU 0.5; int [K] kept indices, best first.
 
     As torchvision's `nms` (the authors'): a box is dropped when its IoU with a kept,
     higher-scoring box is > the threshold; ties in score keep the earlier box.
@@ -105,9 +105,9 @@ def nms(boxes, scores, iou_threshold: float = NMS_IOU) -> np.ndarray:
 
 
 def short_side_ok(width: int, height: int, min_side: int = MIN_SHORT_SIDE) -> bool:
-    """SPEC 5: the original image's short side is >= 600 px.
+    """The original image's short side is >= 600 px.
 
-    (The authors' script tests `width >= 600 or height >= 600`; SPEC's short side is used.)
+    (The authors' script tests `width >= 600 or height >= 600`; the paper's short side is used.)
     """
     return min(width, height) >= min_side
 
@@ -115,13 +115,13 @@ def short_side_ok(width: int, height: int, min_side: int = MIN_SHORT_SIDE) -> bo
 def area_ratio_ok(
     boxes, width: int, height: int, low: float = MIN_AREA_RATIO, high: float = MAX_AREA_RATIO
 ) -> np.ndarray:
-    """SPEC 5: box area / image area strictly inside (0.08, 0.7). [N] bool."""
+    """Box area / image area strictly inside (0.08, 0.7). [N] bool."""
     ratio = _areas(np.asarray(boxes, np.float64).reshape(-1, 4)) / (width * height)
     return (ratio > low) & (ratio < high)
 
 
 def aspect_ok(boxes, low: float = MIN_ASPECT, high: float = MAX_ASPECT) -> np.ndarray:
-    """SPEC 5: box width / height strictly inside (0.3, 3); a flat box fails. [N] bool."""
+    """Box width / height strictly inside (0.3, 3); a flat box fails. [N] bool."""
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     w, h = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
     aspect = np.divide(w, h, out=np.full_like(w, np.inf), where=h > 0)
@@ -129,12 +129,12 @@ def aspect_ok(boxes, low: float = MIN_ASPECT, high: float = MAX_ASPECT) -> np.nd
 
 
 def logit_ok(scores, min_logit: float = MIN_LOGIT) -> np.ndarray:
-    """SPEC 5: the detector's score for the box is > 0.3 (strict). [N] bool."""
+    """The detector's score for the box is > 0.3 (strict). [N] bool."""
     return np.asarray(scores, np.float64) > min_logit
 
 
 def label_in_caption(label: str, caption: str) -> bool:
-    """SPEC 5: the label is one word and the caption holds it as a word (case-insensitive).
+    """The label is one word and the caption holds it as a word (case-insensitive).
 
     The authors test `caption.find(label) != -1`, which also accepts 'cat' in 'category';
     a whole-word match keeps the label a token of the caption.
@@ -158,12 +158,12 @@ def mask_fill(mask: np.ndarray, box) -> float:
 
 
 def mask_fills_box(mask: np.ndarray, box, min_fill: float = MIN_MASK_FILL) -> bool:
-    """SPEC 5: the subject's mask covers >= 0.6 of its box."""
+    """The subject's mask covers >= 0.6 of its box."""
     return mask_fill(mask, box) >= min_fill
 
 
 def dominant_instance_mask(instance_map: np.ndarray, box) -> np.ndarray:
-    """SPEC 5: the subject mask: the most frequent non-background id inside the box, holes
+    """The subject mask: the most frequent non-background id inside the box, holes
     filled (bool [H, W]; all False when the box holds only background)."""
     ids, counts = np.unique(instance_map[box_window(box, instance_map.shape)], return_counts=True)
     counts = counts[ids != 0]
@@ -173,7 +173,7 @@ def dominant_instance_mask(instance_map: np.ndarray, box) -> np.ndarray:
 
 
 def overlaps_kept(box, kept_boxes, max_overlap: float = MAX_OVERLAP) -> bool:
-    """SPEC 5: True when the box shares > 0.8 of the smaller box's area with a kept box."""
+    """True when the box shares > 0.8 of the smaller box's area with a kept box."""
     box = np.asarray(box, np.float64).reshape(1, 4)
     kept = np.asarray(kept_boxes, np.float64).reshape(-1, 4)
     smaller = np.minimum(_areas(box)[:, None], _areas(kept)[None, :])
@@ -190,17 +190,17 @@ def near_white_fraction(image: np.ndarray, level: int = NEAR_WHITE_LEVEL) -> flo
 def mostly_white(
     image: np.ndarray, max_fraction: float = MAX_WHITE_FRACTION, level: int = NEAR_WHITE_LEVEL
 ) -> bool:
-    """SPEC 5: an image is dropped when more than 10% of its pixels are near-white."""
+    """An image is dropped when more than 10% of its pixels are near-white."""
     return near_white_fraction(image, level) > max_fraction
 
 
 def top_by_score(scores, k: int = MAX_SUBJECTS) -> np.ndarray:
-    """SPEC 5: indices of the k highest scores (the authors keep 2), best first, ties by order."""
+    """Indices of the k highest scores (the authors keep 2), best first, ties by order."""
     return np.argsort(-np.asarray(scores, np.float64), kind="stable")[:k]
 
 
 def crop_box_ok(box, min_area: float = MIN_CROP_BOX_AREA) -> bool:
-    """SPEC 5: a box in the 512 px training crop is kept when its area is > 200 square pixels
+    """A box in the 512 px training crop is kept when its area is > 200 square pixels
     (the authors' `post_bbox_filter` measures area, not side)."""
     return float(_areas(np.asarray(box, np.float64))) > min_area
 

@@ -1,4 +1,5 @@
-"""Entity nouns of a caption: the detector's prompt words (SPEC 5's spaCy step, rule-based).
+"""Entity nouns of a caption: the detector's prompt words (rule-based, where the paper
+uses spaCy; docs/method.md §5).
 
 The authors tag BLIP-2 captions with spaCy's `en_core_web_sm` and take every NOUN token.
 That model package cannot be installed from the package index here, so this is a small

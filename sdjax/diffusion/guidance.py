@@ -1,4 +1,4 @@
-"""Classifier-free guidance with a text scale and an image scale (SPEC 6).
+"""Classifier-free guidance with a text scale and an image scale (docs/method.md §6).
 
 Three branches are evaluated in one batched model call:
 [text + subjects | empty text + subjects | empty text, no location mask, null subjects],

@@ -1,4 +1,5 @@
-"""The networks behind DreamBench's scores (SPEC 7), loaded from user-supplied checkpoints.
+"""The networks behind DreamBench's scores (docs/method.md §7), loaded from user-supplied
+checkpoints.
 
 - DINO (the "DINO" image similarity): `sdjax.models.vit.ViT` (ViT-S/16 in the protocol)
   from a transformers `ViTModel` folder or a timm / official DINO safetensors file

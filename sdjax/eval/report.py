@@ -1,9 +1,10 @@
 """DreamBench tables and results page of an evaluation folder (see `sdjax.eval.dreambench`).
 
 - `write_tables(out)`: per mode that has results, `OUT/<mode>.md` (the paper-format table
-  method | DINO | CLIP-I | CLIP-T: our row, then the paper's rows, quoted from SPEC 7 and
-  marked so; then one row per subject) and `OUT/<mode>.json` (the same numbers, the
-  coverage and the run's settings). Modes: "single" and "pairs".
+  method | DINO | CLIP-I | CLIP-T: our row, then published rows, each marked with the
+  paper it is quoted from (docs/method.md §7); then one row per subject) and
+  `OUT/<mode>.json` (the same numbers, the coverage and the run's settings). Modes:
+  "single" and "pairs".
 - `write_report(out)`: `OUT/report/index.html`, one self-contained page (inline CSS, no
   script): the tables, then per subject (or pair) its reference photo(s), for a pair the
   boxes, and per prompt a row of its generated images with the prompt's scores. Images are
@@ -37,23 +38,35 @@ METRICS = {
     "clip_t_l14": "CLIP-T L/14",
 }
 FULL = {"single": (30, 25), "pairs": (30, 10)}  # subjects (pairs) x prompts of the benchmark
-PAPER_NOTE = "quoted from the Subject-Diffusion paper (arXiv 2307.11410, SPEC 7), not measured here"
-# (method, DINO, CLIP-I, CLIP-T); CLIP is ViT-B/32 in these papers.
+# Published rows are quoted, never measured here; each is marked with its source.
+SOURCES = {
+    "*": "quoted from the Subject-Diffusion paper (arXiv 2307.11410), not measured here",
+    "†": "quoted from the UNO paper (Wu et al., arXiv 2504.02160), not measured here",
+}
+# (method, DINO, CLIP-I, CLIP-T, source mark); CLIP is ViT-B/32 in these papers.
 PAPER = {
     "single": (
-        ("real images", 0.774, 0.885, None),
-        ("DreamBooth (fine-tunes)", 0.668, 0.803, 0.305),
-        ("IP-Adapter (SD1.5)", 0.667, 0.813, 0.289),
-        ("BLIP-Diffusion", 0.594, 0.779, 0.300),
-        ("ELITE", 0.621, 0.771, 0.293),
-        ("Subject-Diffusion", 0.711, 0.787, 0.293),
-        ("UNO (FLUX, 2025)", 0.760, 0.835, 0.304),
+        ("real images", 0.774, 0.885, None, "*"),
+        ("DreamBooth (fine-tunes)", 0.668, 0.803, 0.305, "*"),
+        ("IP-Adapter (SD1.5)", 0.667, 0.813, 0.289, "*"),
+        ("BLIP-Diffusion", 0.594, 0.779, 0.300, "*"),
+        ("ELITE", 0.621, 0.771, 0.293, "*"),
+        ("Subject-Diffusion", 0.711, 0.787, 0.293, "*"),
+        ("UNO (FLUX, 2025)", 0.760, 0.835, 0.304, "†"),
     ),
     "pairs": (
-        ("Subject-Diffusion", 0.506, 0.696, 0.310),
-        ("UNO (FLUX, 2025)", 0.542, 0.733, 0.322),
+        ("Subject-Diffusion", 0.506, 0.696, 0.310, "*"),
+        ("UNO (FLUX, 2025)", 0.542, 0.733, 0.322, "†"),
     ),
 }
+
+
+def source_notes(mode: str) -> list[str]:
+    """'* quoted from ...' for each source the mode's published rows cite."""
+    marks = dict.fromkeys(row[-1] for row in PAPER[mode])
+    return [f"{mark} {SOURCES[mark]}." for mark in marks]
+
+
 OURS = "ours (sdjax)"
 
 
@@ -62,7 +75,7 @@ def prompt_scores(record: dict) -> dict[str, float]:
     return {key: fmean(values) for key, values in record["scores"].items()}
 
 
-def summarize(records: list[dict], mode: str) -> dict | None:
+def summarise(records: list[dict], mode: str) -> dict | None:
     """Per-subject and overall means of one mode's records (None when it has none)."""
     rows = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["prompt_index"])
     if not rows:
@@ -104,12 +117,13 @@ def _number(value: float | None) -> str:
 
 
 def comparison_table(summary: dict) -> tuple[list[str], list[list[str]]]:
-    """(header, rows): our overall row, then the paper's rows (their method marked `*`)."""
+    """(header, rows): our overall row, then the published rows (each marked with its
+    source, `SOURCES`)."""
     metrics = summary["metrics"]
     rows = [[OURS, *(_number(summary["overall"][k]) for k in metrics)]]
-    for method, *values in PAPER[summary["mode"]]:
+    for method, *values, mark in PAPER[summary["mode"]]:
         quoted = dict(zip(("dino", "clip_i", "clip_t"), values))
-        rows.append([f"{method} *", *(_number(quoted.get(k)) for k in metrics)])
+        rows.append([f"{method} {mark}", *(_number(quoted.get(k)) for k in metrics)])
     return ["method", *(METRICS[k] for k in metrics)], rows
 
 
@@ -150,18 +164,22 @@ def write_tables(out: str) -> list[str]:
     records, settings = read_results(out), _settings(out)
     written = []
     for mode in MODES:
-        summary = summarize(records, mode)
+        summary = summarise(records, mode)
         if summary is None:
             continue
         lines = [f"# DreamBench: {TITLES[mode].lower()}", "", *_describe(summary, settings), ""]
         lines += _markdown_table(*comparison_table(summary))
-        lines += ["", f"\\* {PAPER_NOTE}.", "", f"## Per {UNITS[mode][:-1]}", ""]
+        notes = [note.replace("*", "\\*", 1) for note in source_notes(mode)]
+        lines += ["", *notes, "", f"## Per {UNITS[mode][:-1]}", ""]
         lines += _markdown_table(*subject_table(summary))
         paths = [os.path.join(out, f"{mode}.{ext}") for ext in ("md", "json")]
         with open(paths[0], "w") as f:
             f.write("\n".join(lines) + "\n")
-        paper = [dict(zip(("method", "dino", "clip_i", "clip_t"), row)) for row in PAPER[mode]]
-        document = {**summary, "settings": settings, "paper": paper, "paper_source": PAPER_NOTE}
+        paper = [
+            {**dict(zip(("method", "dino", "clip_i", "clip_t"), row)), "source": SOURCES[row[-1]]}
+            for row in PAPER[mode]
+        ]
+        document = {**summary, "settings": settings, "paper": paper}
         with open(paths[1], "w") as f:
             json.dump(document, f, indent=2)
         written += paths
@@ -251,13 +269,13 @@ def _subject_section(mode: str, name: str, records: list[dict], metrics: list[st
 
 
 def _mode_section(mode: str, records: list[dict], settings: dict) -> str:
-    summary = summarize(records, mode)
+    summary = summarise(records, mode)
     ours = lambda row: "ours" if row[0] == OURS else ""
     parts = [
         f"<h2>{TITLES[mode]}</h2>",
         *(f'<p class="note">{_esc(s)}</p>' for s in _describe(summary, settings)),
         _html_table(*comparison_table(summary), row_class=ours),
-        f'<p class="note">* {_esc(PAPER_NOTE)}.</p>',
+        *(f'<p class="note">{_esc(note)}</p>' for note in source_notes(mode)),
         _html_table(*subject_table(summary)),
     ]
     mine = sorted((r for r in records if r["mode"] == mode), key=lambda r: r["prompt_index"])

@@ -1,4 +1,5 @@
-"""DreamBench's scores (SPEC 7): DINO, CLIP-I and CLIP-T, with the references' preprocessing.
+"""DreamBench's scores (docs/method.md §7): DINO, CLIP-I and CLIP-T, with the references'
+preprocessing.
 
 - DINO: mean cosine similarity of DINO ViT CLS features over all (generated, real) pairs.
 - CLIP-I: the same with CLIP image embeddings.
@@ -65,7 +66,7 @@ def center_crop(image: Image.Image, size: int) -> Image.Image:
     return image.crop((left, top, left + size, top + size))
 
 
-def normalize(image: Image.Image, mean, std) -> np.ndarray:
+def normalise(image: Image.Image, mean, std) -> np.ndarray:
     """torchvision `ToTensor` then `Normalize(mean, std)`, as an HWC float32 array."""
     x = np.asarray(image, np.float32) / np.float32(255)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
@@ -84,13 +85,13 @@ def preprocess_clip(images: Sequence[ImageLike], config: CLIPVisionConfig) -> np
 def _dino_transform(image: Image.Image, config: ViTConfig) -> np.ndarray:
     crop = config.image_size
     image = resize_shorter(image.convert("RGB"), crop * DINO_RESIZE // DINO_CROP)
-    return normalize(center_crop(image, crop), config.mean, config.std)
+    return normalise(center_crop(image, crop), config.mean, config.std)
 
 
 def _clip_transform(image: Image.Image, config: CLIPVisionConfig) -> np.ndarray:
     size = config.image_size
     image = center_crop(resize_shorter(image, size), size).convert("RGB")
-    return normalize(image, config.mean, config.std)
+    return normalise(image, config.mean, config.std)
 
 
 def _open(image: ImageLike) -> Image.Image:

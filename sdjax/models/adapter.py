@@ -1,6 +1,6 @@
 """The Subject-Diffusion adapter: GLIGEN gated self-attention over visual + object tokens.
 
-Inserted in every transformer block between self- and cross-attention (SPEC 3b):
+Inserted in every transformer block between self- and cross-attention (docs/method.md §3b):
 
     o = Linear(objs)                                  objs `[B, N, D_obj]` -> `[B, N, D]`
     x = x + tanh(a_attn)  * SelfAttn(LN1([x, o]))[:, :T]      x `[B, T, D]`

@@ -1,5 +1,5 @@
 """The fusion text encoder: CLIP's text tower that can take subject embeddings in place of
-placeholder tokens (Subject-Diffusion, SPEC 3c).
+placeholder tokens (Subject-Diffusion, docs/method.md §3c).
 
 Laid out as transformers' `CLIPTextModel` (`text_model.embeddings.token_embedding`, ...,
 `text_model.final_layer_norm`); SD 1.x's CLIP ViT-L/14 and SD 2.x's OpenCLIP ViT-H text

@@ -1,4 +1,4 @@
-"""The image encoder: CLIP's vision tower with its projection (SPEC 2, 3b).
+"""The image encoder: CLIP's vision tower with its projection (docs/method.md §2, §3b).
 
 Laid out as transformers' `CLIPVisionModelWithProjection` (`vision_model.embeddings`,
 `vision_model.pre_layrnorm` (sic), `vision_model.encoder`, `vision_model.post_layernorm`,

@@ -1,6 +1,6 @@
 """Subject conditioning from the image encoder: GroundingNet (adapter tokens) and the CLS MLP.
 
-GroundingNet (SPEC 3b) fuses each subject's patch tokens with its box:
+GroundingNet (docs/method.md §3b) fuses each subject's patch tokens with its box:
 
     pos  = Fourier(box)                 box xyxy in [0, 1] -> 64 (8 freqs x sin/cos x 4)
     objs = MLP([patch_tokens, pos])     per token: LN -> Linear -> GELU -> Linear
@@ -9,7 +9,7 @@ patches `[B, N, P, D_patch]`, boxes `[B, N, 4]`, valid / use_box `[B, N]` ->
 objs `[B, N*P, D_out]`. Empty slots (valid False) use learned null patch and position
 features; a slot without box coordinates (use_box False) uses the null position features.
 
-The CLS MLP (SPEC 3c) maps a subject's projected CLS embedding `[B, N, D_img]` to a text
+The CLS MLP (docs/method.md §3c) maps a subject's projected CLS embedding `[B, N, D_img]` to a text
 token embedding `[B, N, D_text]` that replaces the subject's placeholder token.
 """
 

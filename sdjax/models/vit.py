@@ -1,4 +1,4 @@
-"""The plain ViT image backbone of DINO (ViT-S/16 gives DreamBench's DINO score, SPEC 7).
+"""The plain ViT image backbone of DINO (ViT-S/16 gives DreamBench's DINO score, docs/method.md §7).
 
 Computes transformers' `ViTModel` without its pooler (DINO's checkpoints have none):
 patch embedding + CLS token + position embeddings, N pre-norm encoder layers, a final

@@ -1,4 +1,4 @@
-"""Subject-Diffusion's objective (SPEC 3d, 4):
+"""Subject-Diffusion's objective (docs/method.md §3d, §4):
 
     L = ||target - model(z_t, t, y, x_s, l, l_m)||^2 + lambda_attn * L_attn
 

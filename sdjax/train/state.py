@@ -2,7 +2,7 @@
 
 Which parameters train is a list of regular expressions over 'part/path' names
 ('unet/down_blocks_0/attentions_0/transformer_blocks_0/attn2/to_k/kernel'); the authors'
-choice (SPEC 4) is `AUTHORS_TRAINABLE`. Frozen parameters live outside the optimizer (no
+choice (docs/method.md §4) is `AUTHORS_TRAINABLE`. Frozen parameters live outside the optimizer (no
 Adam moments for the frozen UNet, VAE and image encoder) and are never written.
 
 State trees are flat dicts {'part/path': array} so that the trainable/frozen split,
@@ -74,7 +74,8 @@ def learning_rate(train_cfg) -> optax.Schedule:
 
 
 def optimizer(train_cfg) -> optax.GradientTransformation:
-    """AdamW (SPEC 4: betas 0.9/0.999, eps 1e-8, wd 0) after optional global-norm clipping."""
+    """AdamW (the authors': betas 0.9/0.999, eps 1e-8, wd 0; docs/method.md §4) after optional
+    global-norm clipping."""
     steps = []
     if train_cfg.get("clip_norm"):
         steps.append(optax.clip_by_global_norm(train_cfg.clip_norm))

@@ -36,7 +36,7 @@ from sdjax.train.state import TrainState, ema_decay_at, learning_rate, unflatten
 
 
 class LossConfig(NamedTuple):
-    attn_weight: float = 0.01  # lambda_attn (SPEC 4)
+    attn_weight: float = 0.01  # lambda_attn (docs/method.md §4)
     attn_form: str = "balanced_l1"
     ema_decay: float = 0.9999
 
