@@ -72,7 +72,7 @@ def write_scenes(out_dir: str, n: int, size: int, jpeg: bool) -> str:
 
 
 def records_per_second(path, model, batch_size, workers, batches) -> float:
-    config = LoaderConfig(path=path, describe_prob=0.5)
+    config = LoaderConfig.from_dict({"path": path, "describe_prob": 0.5})
     tokenizer = Tokenizer(max_length=model.text.max_position_embeddings)
     loader = make_loader(
         config,

@@ -15,6 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from sdjax import paths
+from sdjax.convert.files import check_finite
 from sdjax.errors import UserError
 
 ARRAY_ITEMS = ("trainable", "frozen", "opt_state", "ema", "progress")
@@ -125,17 +126,5 @@ def restore_params(path: str, use_ema: bool | None = None) -> tuple[dict, dict]:
         args[name] = ocp.args.StandardRestore(target)
     got = mngr.restore(step, args=ocp.args.Composite(**args))
     flat = {k: np.asarray(v) for k, v in {**got.get("frozen", {}), **got[trained]}.items()}
+    check_finite(flat, f"{path} (step {step})")
     return got["meta"], flat
-
-
-def pipeline_from_training(path: str, use_ema: bool | None = None):
-    """A sampling `Pipeline` from a Subject-Diffusion training checkpoint."""
-    from sdjax.pipeline import Pipeline, make_tokenizer
-    from sdjax.subject_diffusion import ModelConfig
-    from sdjax.train.state import unflatten
-
-    meta, flat = restore_params(path, use_ema)
-    if meta.get("task", "subject_diffusion") != "subject_diffusion":
-        raise UserError(f"{path} is a {meta['task']!r} run, not a Subject-Diffusion model")
-    config = ModelConfig.from_dict(meta["model"])
-    return Pipeline(config, jax.device_put(unflatten(flat)), make_tokenizer(config))

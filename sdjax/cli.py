@@ -1,25 +1,33 @@
-"""The `sdjax` command line: one subcommand per job; bad input exits 2 with `error: ...`."""
+"""The `sdjax` command line: one subcommand per job.
+
+Contract: bad input exits with status 2 and one line `error: ...` on stderr, and leaves no
+partial file; input a run goes on with but will not read as written (a word the model does
+not know) is one line `warning: ...`. A command's front end (its parser and `run`) is the
+`cli.py` of the package whose work it drives: this file for the top-level commands (demo,
+sample, export), `sdjax.data.cli`, `sdjax.train.cli`, `sdjax.eval.cli` (and, for now,
+`sdjax.plan`). None imports JAX at module level, so `sdjax --help` and every command's
+`--help` answer at once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+import warnings
 
 from sdjax import __version__
-from sdjax.data.cli import register as register_data
-from sdjax.demo import add_parser as add_demo_parser
-from sdjax.errors import UserError
-from sdjax.eval.dreambench import add_parser as add_dreambench_parser
-from sdjax.eval.toy import add_parser as add_toy_eval_parser
-from sdjax.export_cli import add_parser as add_export_parser
-from sdjax.parallel.cpu import use_cpu_cores
+from sdjax.data.cli import register as add_data_parser
+from sdjax.errors import InputWarning, UserError
+from sdjax.eval.cli import add_parser as add_eval_parser
 from sdjax.plan import add_parser as add_plan_parser
-from sdjax.sample_cli import add_parser as add_sample_parser
+from sdjax.subjects import SPEC_FORMAT
 from sdjax.train.cli import add_parser as add_train_parser
 
 # Commands that sample: on CPU they split each batch over one device per core.
 SAMPLING_COMMANDS = ("sample", "demo", "eval")
+EMBEDDED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "default_model", "model.json")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -31,21 +39,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="sdjax", description=__doc__)
+    parser = _Parser(prog="sdjax", description=__doc__.split("\n\n")[0])
     parser.add_argument("--version", action="version", version=f"sdjax {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    add_demo_parser(sub)
-    register_data(sub)
-    add_sample_parser(sub)
+    _add_demo(sub)
+    add_data_parser(sub)
+    _add_sample(sub)
     add_train_parser(sub)
     add_plan_parser(sub)
-    add_export_parser(sub)
-    evaluate = sub.add_parser("eval", help="measure a model (toy world, DreamBench)")
-    benchmarks = evaluate.add_subparsers(dest="benchmark", required=True, parser_class=_Parser)
-    add_toy_eval_parser(benchmarks)
-    add_dreambench_parser(benchmarks)
+    _add_export(sub)
+    add_eval_parser(sub)
     return parser
+
+
+def _print_input_warnings(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,9 +63,296 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = build_parser().parse_args(argv)
     if args.command in SAMPLING_COMMANDS:
+        from sdjax.parallel.cpu import use_cpu_cores
+
         use_cpu_cores()
+    with warnings.catch_warnings():
+        warnings.simplefilter("always", InputWarning)
+        shown = warnings.showwarning
+
+        def show(message, category, *rest, **kw):
+            if issubclass(category, InputWarning):
+                return _print_input_warnings(message, category, *rest, **kw)
+            return shown(message, category, *rest, **kw)
+
+        warnings.showwarning = show
+        try:
+            return args.run(args) or 0
+        except UserError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+
+
+# ---- sdjax demo -------------------------------------------------------------------------
+
+
+def _add_demo(sub) -> None:
+    p = sub.add_parser("demo", help="personalise held-out toy subjects with the embedded model")
+    p.add_argument("--out", default="out/demo", metavar="DIR", help="output folder")
+    p.add_argument("--checkpoint", metavar="DIR", help="another model (default: the embedded)")
+    p.add_argument("--cases", type=int, default=8, help="scenes to draw (default 8)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
+    p.set_defaults(run=_demo)
+
+
+def _demo(args) -> int:
+    from sdjax.demo import run_demo
+
+    run_demo(args.out, args.checkpoint, args.cases, args.seed, args.steps)
+    return 0
+
+
+# ---- sdjax sample -----------------------------------------------------------------------
+
+
+def _embedded_resolution() -> str:
+    """The embedded model's output size, as its model.json says (no JAX needed)."""
     try:
-        return args.run(args) or 0
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with open(EMBEDDED_MODEL) as f:
+            size = json.load(f)["config"]["resolution"]
+    except (OSError, ValueError, KeyError):
+        return "the embedded model is missing"
+    return f"the embedded model draws {size}x{size} px images"
+
+
+class _NewSubject(argparse.Action):
+    """--subject IMAGE starts a subject; the per-subject options after it are its own."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.subject_flags = [*(namespace.subject_flags or []), {"image": value}]
+
+
+class _SubjectOption(argparse.Action):
+    """--label / --mask / --box: an option of the --subject it follows."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        subjects = namespace.subject_flags or []
+        if not subjects:
+            parser.error(
+                f"{option_string} {value!r} comes before any --subject "
+                "(a subject's options follow its --subject)"
+            )
+        if self.dest in subjects[-1]:
+            parser.error(
+                f"subject {len(subjects)} ({subjects[-1]['image']}) has {option_string} twice; "
+                f"give each --subject its own {option_string} right after it"
+            )
+        subjects[-1][self.dest] = value
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser(
+        "sample",
+        help="generate images of given subjects in a prompted scene",
+        description=(
+            "Draw the subjects of reference images into the scene the prompt describes.\n"
+            "A subject is --subject IMAGE --label WORD [--mask PATH] [--box X1,Y1,X2,Y2]:\n"
+            "the options after a --subject are that subject's. Repeat for more subjects, or\n"
+            "list them in --subjects SPEC.json (below). Output: one PNG at the model's\n"
+            f"resolution ({_embedded_resolution()}); several images side by side."
+        ),
+        epilog=SPEC_FORMAT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--prompt", required=True, help="the scene, e.g. 'a star on a beige background'")
+    p.add_argument(
+        "--subject",
+        action=_NewSubject,
+        metavar="IMAGE",
+        help="reference photo of a subject (repeat for several subjects); with transparency "
+        "(an RGBA cut-out), its alpha is the mask",
+    )
+    p.add_argument(
+        "--label",
+        action=_SubjectOption,
+        metavar="WORD",
+        help="class word of the subject (e.g. star)",
+    )
+    p.add_argument(
+        "--mask",
+        action=_SubjectOption,
+        metavar="PATH",
+        help="the subject's mask (white = subject); default: the image's alpha, else all of it",
+    )
+    p.add_argument(
+        "--box",
+        action=_SubjectOption,
+        metavar="X1,Y1,X2,Y2",
+        help="where the subject goes, fractions of the image; default: placed automatically",
+    )
+    p.add_argument("--subjects", metavar="SPEC.json", help="subjects as a JSON list (below)")
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="pipeline folder or training workdir (default: the embedded model)",
+    )
+    p.add_argument("--out", required=True, metavar="PATH.png", help="output PNG")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default 50)")
+    p.add_argument("--text-scale", type=float, help="text guidance (default: the model's)")
+    p.add_argument("--image-scale", type=float, help="image guidance (default: the model's)")
+    p.add_argument("--num-images", type=int, default=1)
+    p.add_argument(
+        "--subject-fraction",
+        type=float,
+        default=1.0,
+        help="fraction of the steps conditioned on the subjects (docs/method.md §6)",
+    )
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="words the model does not know, or a prompt cut to fit, are errors (default: "
+        "warnings)",
+    )
+    p.set_defaults(run=_sample, subject_flags=None)
+
+
+def _check_png_output(path: str) -> None:
+    """Refuse, before any work, an output the PNG could not be written to."""
+    from sdjax import paths
+
+    if not path.lower().endswith(".png"):
+        raise UserError(f"--out must be a .png file, got {path}")
+    if paths.is_remote(path):
+        return
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a folder; give a file name ending in .png")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise UserError(f"output folder does not exist: {folder}")
+    if not os.access(folder, os.W_OK):
+        raise UserError(f"output folder is not writable: {folder}")
+
+
+def _subjects(args) -> list:
+    """The subjects of the flags, then those of --subjects, every image and mask read."""
+    from sdjax.subjects import Subject, load_subject, parse_box, read_subject_spec
+
+    subjects = []
+    for i, flags in enumerate(args.subject_flags or []):
+        if "label" not in flags:
+            raise UserError(f"subject {i + 1} ({flags['image']}) has no --label after it")
+        box = flags.get("box")
+        box = None if box is None else parse_box(box, f"subject {i + 1} --box")
+        subjects.append(Subject(flags["image"], flags["label"], flags.get("mask"), box))
+    if args.subjects:
+        subjects.extend(read_subject_spec(args.subjects))
+    for i, subject in enumerate(subjects):
+        load_subject(subject, i)  # every file readable and consistent, before the model loads
+    return subjects
+
+
+def _sample(args) -> int:
+    _check_png_output(args.out)
+    subjects = _subjects(args)
+    from sdjax.sampling import check_settings
+
+    check_settings(
+        args.steps, args.text_scale, args.image_scale, args.num_images, args.subject_fraction
+    )
+    from sdjax.pipeline import load_pipeline
+    from sdjax.sampling import guidance_scales, sample
+
+    pipeline = load_pipeline(args.checkpoint)
+    text_scale, image_scale = guidance_scales(pipeline.config, args.text_scale, args.image_scale)
+    images = sample(
+        pipeline,
+        args.prompt,
+        subjects,
+        seed=args.seed,
+        num_steps=args.steps,
+        text_scale=text_scale,
+        image_scale=image_scale,
+        num_images=args.num_images,
+        subject_fraction=args.subject_fraction,
+        strict=args.strict,
+    )
+    described = [
+        {
+            "image": str(s.image),
+            "label": s.label,
+            "mask": None if s.mask is None else str(s.mask),
+            "box": list(s.box) if s.box else None,
+        }
+        for s in subjects
+    ]
+    settings = {
+        "prompt": args.prompt,
+        "subjects": json.dumps(described),
+        "seed": str(args.seed),
+        "steps": str(args.steps),
+        "text_scale": str(text_scale),
+        "image_scale": str(image_scale),
+        "subject_fraction": str(args.subject_fraction),
+        "checkpoint": args.checkpoint or "embedded default",
+    }
+    write_png(grid(images), args.out, settings)
+    print(f"wrote {args.out} ({len(images)} image{'s' * (len(images) > 1)}, seed {args.seed})")
+    return 0
+
+
+def grid(images: list):
+    """Images side by side in rows of up to 4 (one image is returned as is)."""
+    from PIL import Image
+
+    if len(images) == 1:
+        return images[0]
+    w, h = images[0].size
+    cols = min(4, len(images))
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def write_png(image, path: str, text: dict[str, str]) -> None:
+    """Save with PNG text chunks, atomically (`sdjax.paths`: no partial file on failure)."""
+    import io
+
+    from PIL.PngImagePlugin import PngInfo
+
+    from sdjax import paths
+
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    data = io.BytesIO()
+    image.save(data, format="PNG", pnginfo=info)
+    paths.write_bytes(path, data.getvalue())
+
+
+# ---- sdjax export -----------------------------------------------------------------------
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="write a trained model in diffusers/transformers formats",
+        description="diffusers (default): PyTorch formats (see `sdjax.export`); sdjax: a "
+        "native pipeline folder that `sdjax.load_pipeline(OUT_DIR)` reads. CHECKPOINT and "
+        "OUT_DIR may be gs:// URLs. OUT_DIR must be new or empty; it appears only complete.",
+    )
+    p.add_argument("checkpoint", help="training workdir (latest step), step folder or pipeline")
+    p.add_argument("out", help="output folder")
+    p.add_argument(
+        "--format",
+        choices=("diffusers", "sdjax"),
+        default="diffusers",
+        help="diffusers/transformers folders (default) or an sdjax pipeline folder",
+    )
+    p.add_argument(
+        "--raw-weights",
+        action="store_true",
+        help="from a training checkpoint, the trained weights rather than their EMA",
+    )
+    p.set_defaults(run=_export)
+
+
+def _export(args) -> int:
+    from sdjax.export import export
+
+    export(args.checkpoint, args.out, args.format, use_ema=False if args.raw_weights else None)
+    print(f"exported {args.checkpoint} to {args.out}")
+    return 0

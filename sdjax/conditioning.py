@@ -1,11 +1,11 @@
 """Subject inputs shared by sampling and training: reference images, boxes, location mask.
 
 - `reference_image`: the subject cut out by its mask onto white, cropped to the mask's
-  box, padded square, resized to the image encoder's size and normalised (SPEC 5/6):
+  box, padded square, resized to the image encoder's size and normalised (docs/method.md §5, §6):
   uint8 `[H, W, 3]` + bool `[H, W]` -> float32 `[S, S, 3]`.
 - `auto_boxes`: boxes for subjects given without one: side by side, each with its
   reference's aspect ratio, not overlapping.
-- `location_mask` (jnp, inside jit): the UNet's extra input channel (SPEC 3a): 1 outside
+- `location_mask` (jnp, inside jit): the UNet's extra input channel (docs/method.md §3a): 1 outside
   every subject box, 0 inside any: boxes `[B, N, 4]` in [0, 1] -> `[B, h, w, 1]`.
 - `subject_region`: where a subject may be drawn, for region-bound attention: its box, or
   its reference mask fitted into the box -> float32 `[h, w]`.
@@ -58,18 +58,6 @@ def normalise(image: np.ndarray, size: int, mean, std) -> np.ndarray:
 def reference_image(image: np.ndarray, mask: np.ndarray, size: int, mean, std) -> np.ndarray:
     """The image encoder's view of a subject: float32 `[size, size, 3]`."""
     return normalise(segment_square(image, mask), size, mean, std)
-
-
-def check_box(box: Sequence[float]) -> tuple[float, float, float, float]:
-    """A validated (x1, y1, x2, y2) box in [0, 1] with x1 < x2 and y1 < y2."""
-    if len(box) != 4:
-        raise UserError(f"a box needs 4 numbers x1,y1,x2,y2, got {len(box)}")
-    x1, y1, x2, y2 = (float(v) for v in box)
-    if not all(0.0 <= v <= 1.0 for v in (x1, y1, x2, y2)):
-        raise UserError(f"box {list(box)} is outside [0, 1]")
-    if x2 <= x1 or y2 <= y1:
-        raise UserError(f"box {list(box)} needs x1 < x2 and y1 < y2")
-    return x1, y1, x2, y2
 
 
 def box_pixels(box, size: int) -> np.ndarray:

@@ -53,7 +53,11 @@ def apply_override(config: ml_collections.ConfigDict, key: str, value) -> None:
 def load_config(path: str, overrides: list[str] = ()) -> ml_collections.ConfigDict:
     if not os.path.isfile(path):
         raise UserError(f"config file not found: {path}")
+    if not path.endswith(".py"):
+        raise UserError(f"config {path} is not a Python file (configs/*.py: get_config())")
     spec = importlib.util.spec_from_file_location(f"sdjax_config_{abs(hash(path))}", path)
+    if spec is None or spec.loader is None:
+        raise UserError(f"config {path} cannot be loaded as a Python module")
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)

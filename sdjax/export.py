@@ -1,6 +1,10 @@
-"""`sdjax export CHECKPOINT OUT_DIR`: a trained model in PyTorch's formats.
+"""`sdjax export CHECKPOINT OUT_DIR`: a trained model in PyTorch's formats (or sdjax's).
 
-OUT_DIR gets, beside each other as in a diffusers pipeline folder:
+`export(checkpoint, out, format)` reads a training checkpoint or pipeline folder (local or
+`gs://`) and writes OUT_DIR whole or not at all: the folder is made under a temporary name
+beside it (or staged locally for a bucket) and renamed (uploaded) when complete. Format
+"sdjax" is a pipeline folder (model.json + params.safetensors); "diffusers" (the default)
+puts, beside each other as in a diffusers pipeline folder:
   unet/           diffusers UNet2DConditionModel (attention_type "gated", in_channels C+1)
   text_encoder/   transformers CLIPTextModel
   image_encoder/  transformers CLIPVisionModelWithProjection
@@ -15,11 +19,14 @@ OUT_DIR gets, beside each other as in a diffusers pipeline folder:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
+import tempfile
 
+from sdjax import paths
 from sdjax.convert.clip import image_encoder_to_transformers, text_encoder_to_transformers
 from sdjax.convert.files import write_json, write_safetensors
 from sdjax.convert.keys import KeyTable, flax_to_torch
@@ -90,3 +97,48 @@ def export_pipeline(pipeline: Pipeline, out: str) -> None:
         write_json(os.path.join(tokenizer, "vocab_subset.json"), list(config.vocab_subset))
     with open(os.path.join(out, "sdjax.json"), "w") as f:
         json.dump({"model": config.to_dict()}, f, indent=2)
+
+
+FORMATS = ("diffusers", "sdjax")
+
+
+def export(checkpoint: str, out: str, format: str = "diffusers", use_ema: bool | None = None):
+    """Write the model of `checkpoint` to the new or empty folder `out`: "diffusers"
+    (`export_pipeline`) or "sdjax" (a pipeline folder `sdjax.load_pipeline` reads)."""
+    from sdjax.pipeline import load_pipeline, save_pipeline
+
+    if format not in FORMATS:
+        raise UserError(f"export format {format!r}; known: {', '.join(FORMATS)}")
+    if paths.exists(out) and not paths.isdir(out):
+        raise UserError(f"output {out} is a file, not a folder")
+    if paths.listdir(out):
+        raise UserError(f"output folder {out} is not empty")
+    pipeline = load_pipeline(checkpoint, use_ema=use_ema)
+    write = save_pipeline if format == "sdjax" else export_pipeline
+    with _staged(out) as staging:
+        write(pipeline, staging)
+
+
+@contextlib.contextmanager
+def _staged(out: str):
+    """A local folder to write into, which becomes `out` only when the writing succeeded."""
+    if paths.is_remote(out):
+        with paths.staging_dir("sdjax-export-") as staging:
+            yield staging
+            paths.upload_tree(staging, out)
+        return
+    parent = os.path.dirname(os.path.abspath(out))
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
+    try:
+        yield staging
+        os.chmod(staging, 0o777 & ~_umask())
+        os.replace(staging, out)  # an empty `out` is replaced as well
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -5,8 +5,10 @@
   - a pipeline folder written by `save_pipeline`: `model.json` (format, config, tokenizer)
     + `params.safetensors` (our own layout, keys 'unet/conv_in/kernel') + optionally
     `tokenizer/` (vocab.json, merges.txt);
-  - a training workdir (its latest checkpoint) or one step's checkpoint folder.
-Loading is strict: every parameter of the config must be present with its shape.
+  - a training workdir (its latest checkpoint) or one step's checkpoint folder
+    (`sdjax.checkpoint` reads it; this module makes it a pipeline).
+Loading is strict: every parameter of the config must be present with its shape, and
+finite (a NaN or infinity among the weights is refused: it would sample black images).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass
 
 import jax
 
+from sdjax import paths
 from sdjax.convert.files import (
     CheckpointError,
     read_json,
@@ -107,7 +110,7 @@ def read_pipeline(folder: str) -> Pipeline:
 
 def load_pipeline(path: str | None = None, use_ema: bool | None = None) -> Pipeline:
     """The embedded default model (path None), a pipeline folder, or a training checkpoint
-    (its EMA weights when it keeps them, unless `use_ema` is False)."""
+    (its EMA weights when it keeps them, unless `use_ema` is False); local or `gs://`."""
     if path is None:
         if not os.path.isfile(os.path.join(DEFAULT_MODEL, "model.json")):
             raise UserError(
@@ -115,14 +118,40 @@ def load_pipeline(path: str | None = None, use_ema: bool | None = None) -> Pipel
                 "reinstall sdjax or pass a checkpoint"
             )
         return read_pipeline(DEFAULT_MODEL)
+    from sdjax.checkpoint import is_training_checkpoint  # orbax: only when needed
+
+    if paths.is_remote(path):
+        return _load_remote(path, use_ema)
     if not os.path.isdir(path):
         raise UserError(f"checkpoint folder not found: {path}")
     if os.path.isfile(os.path.join(path, "model.json")):
         return read_pipeline(path)
-    from sdjax.checkpoint import is_training_checkpoint, pipeline_from_training
-
     if is_training_checkpoint(path):
         return pipeline_from_training(path, use_ema)
     raise UserError(
         f"{path} is neither an sdjax pipeline folder (model.json) nor a training checkpoint"
     )
+
+
+def _load_remote(path: str, use_ema: bool | None) -> Pipeline:
+    """A `gs://` training checkpoint (read in place) or pipeline folder (downloaded)."""
+    from sdjax.checkpoint import is_training_checkpoint
+
+    if is_training_checkpoint(path):
+        return pipeline_from_training(path, use_ema)
+    with paths.staging_dir("sdjax-pipeline-") as local:
+        paths.download_tree(path, local)
+        return load_pipeline(local, use_ema=use_ema)
+
+
+def pipeline_from_training(path: str, use_ema: bool | None = None) -> Pipeline:
+    """A sampling pipeline from a Subject-Diffusion training checkpoint (a workdir's latest
+    step or one step's folder)."""
+    from sdjax.checkpoint import restore_params
+    from sdjax.train.state import unflatten
+
+    meta, flat = restore_params(path, use_ema)
+    if meta.get("task", "subject_diffusion") != "subject_diffusion":
+        raise UserError(f"{path} is a {meta['task']!r} run, not a Subject-Diffusion model")
+    config = ModelConfig.from_dict(meta["model"])
+    return Pipeline(config, jax.device_put(unflatten(flat)), make_tokenizer(config))

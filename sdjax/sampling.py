@@ -16,12 +16,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
+import warnings
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
 from functools import partial
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +28,10 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
-from sdjax.conditioning import auto_boxes, check_box, mask_box, reference_image, subject_region
+from sdjax.conditioning import auto_boxes, mask_box, reference_image, subject_region
 from sdjax.diffusion.ddim import sample_loop_indexed
 from sdjax.diffusion.guidance import split_branches, stack_branches, three_branch_guidance
-from sdjax.errors import UserError
+from sdjax.errors import InputWarning, UserError
 from sdjax.pipeline import Pipeline
 from sdjax.subject_diffusion import (
     ModelConfig,
@@ -45,50 +43,7 @@ from sdjax.subject_diffusion import (
     subject_regions,
     to_images,
 )
-
-
-@dataclass
-class Subject:
-    """One subject: a reference image (path, PIL image or uint8 array), its label
-    ("dog"), an optional mask (same forms; white = subject) and an optional box
-    (x1, y1, x2, y2) in [0, 1] of the output image."""
-
-    image: Any
-    label: str
-    mask: Any = None
-    box: Sequence[float] | None = None
-
-
-def load_rgb(src, what: str = "image") -> np.ndarray:
-    """uint8 `[H, W, 3]` from a path, a PIL image or an array."""
-    if isinstance(src, str | os.PathLike):
-        try:
-            with Image.open(src) as im:
-                return np.asarray(im.convert("RGB"))
-        except (OSError, ValueError) as err:
-            raise UserError(f"cannot read {what} {src}: {err}") from None
-    if isinstance(src, Image.Image):
-        return np.asarray(src.convert("RGB"))
-    arr = np.asarray(src)
-    if arr.dtype != np.uint8:
-        arr = (np.clip(arr, 0.0, 1.0) * 255).round().astype(np.uint8)
-    if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=-1)
-    if arr.ndim != 3 or arr.shape[-1] not in (3, 4):
-        raise UserError(f"{what} array has shape {arr.shape}; need [H, W, 3]")
-    return arr[..., :3]
-
-
-def load_mask(src, shape: tuple[int, int]) -> np.ndarray:
-    """bool `[H, W]` (pixels > 127 in grey), which must match the image's size."""
-    mask = load_rgb(src, "mask").mean(axis=-1) > 127
-    if mask.shape != shape:
-        raise UserError(
-            f"mask is {mask.shape[1]}x{mask.shape[0]} but its image is {shape[1]}x{shape[0]}"
-        )
-    if not mask.any():
-        raise UserError("mask is empty (no pixel above 127)")
-    return mask
+from sdjax.subjects import Subject, check_box, load_subject
 
 
 def prepare_inputs(pipeline: Pipeline, prompt: str, subjects: Sequence[Subject]) -> dict:
@@ -102,19 +57,14 @@ def prepare_inputs(pipeline: Pipeline, prompt: str, subjects: Sequence[Subject])
     refs = np.zeros((n, size, size, 3), np.float32)
     boxes, aspects, silhouettes = [], [], []
     for i, subject in enumerate(subjects):
-        if not subject.label or not subject.label.strip():
-            raise UserError(f"subject {i + 1} has an empty label")
-        image = load_rgb(subject.image, f"subject {i + 1} image")
-        mask = (
-            np.ones(image.shape[:2], bool)
-            if subject.mask is None
-            else load_mask(subject.mask, image.shape[:2])
-        )
+        image, mask, outlined = load_subject(subject, i)
         refs[i] = reference_image(image, mask, size, config.image.mean, config.image.std)
         x1, y1, x2, y2 = mask_box(mask)
         aspects.append((x2 - x1) / (y2 - y1))
-        silhouettes.append(None if subject.mask is None else mask[y1:y2, x1:x2])
-        boxes.append(None if subject.box is None else check_box(subject.box))
+        silhouettes.append(mask[y1:y2, x1:x2] if outlined else None)
+        boxes.append(
+            None if subject.box is None else check_box(subject.box, f"subject {i + 1} box")
+        )
     placed = auto_boxes(aspects, pipeline.config.auto_box_fill) if subjects else []
     box_array = np.zeros((n, 4), np.float32)
     regions = np.zeros((n, config.latent_size, config.latent_size), np.float32)
@@ -263,7 +213,7 @@ def _generate_from(
         count=2,
     )
     loc = subject_location(config, inputs["boxes"], valid)
-    no_loc = jnp.zeros_like(loc)  # a dropped location mask is all zeros (SPEC 3a)
+    no_loc = jnp.zeros_like(loc)  # a dropped location mask is all zeros (docs/method.md §3a)
     # Branches [text + subjects | empty text + subjects | unconditional]: the subjects'
     # tokens are bound to their regions where they are present.
     positions = inputs["placeholders"], inputs["label_positions"]
@@ -346,12 +296,42 @@ def check_settings(
     """Sampler settings, checked before any model is loaded (a None scale: the model's)."""
     if num_steps < 1:
         raise UserError(f"steps must be at least 1, got {num_steps}")
-    if any(s is not None and s < 0 for s in (text_scale, image_scale)):
-        raise UserError(f"guidance scales must be >= 0, got text {text_scale}, image {image_scale}")
+    for name, scale in (("text", text_scale), ("image", image_scale)):
+        if scale is not None and not math.isfinite(scale):
+            raise UserError(f"{name} guidance scale must be a finite number, got {scale}")
+        if scale is not None and scale < 0:
+            raise UserError(
+                f"guidance scales must be >= 0, got text {text_scale}, image {image_scale}"
+            )
     if num_images < 1:
         raise UserError(f"num-images must be at least 1, got {num_images}")
-    if not 0.0 <= subject_fraction <= 1.0:
+    if not 0.0 <= subject_fraction <= 1.0:  # False for NaN too
         raise UserError(f"subject fraction must be in [0, 1], got {subject_fraction}")
+
+
+def check_steps(config: ModelConfig, num_steps: int) -> None:
+    """DDIM steps the model's noise schedule has room for."""
+    levels = config.noise.num_train_timesteps
+    if not 1 <= num_steps <= levels:
+        raise UserError(
+            f"steps must be in 1..{levels} (this model's noise levels), got {num_steps}"
+        )
+
+
+def prompt_problems(pipeline: Pipeline, prompt: str, subjects: Sequence[Subject]) -> list[str]:
+    """What the model will not read as written (`Tokenizer.problems`): unknown words (with
+    the words the embedded toy model knows) and a prompt cut to fit."""
+    tokenizer, known = pipeline.tokenizer, ""
+    if tokenizer.vocab_subset is not None:
+        from sdjax.data.toy import vocabulary
+        from sdjax.tokenizer import Tokenizer
+
+        words = vocabulary()
+        toy = Tokenizer.for_vocabulary(words, tokenizer.max_length)
+        if toy.vocab_subset == tokenizer.vocab_subset:
+            known = f"; it knows only the toy world's words: {', '.join(words)}"
+    labels = [s.label.strip() for s in subjects if isinstance(s.label, str)]
+    return tokenizer.problems(prompt, labels, known)
 
 
 def sample(
@@ -366,12 +346,20 @@ def sample(
     num_images: int = 1,
     subject_fraction: float = 1.0,
     batch_size: int = 8,
+    strict: bool = False,
 ) -> list[Image.Image]:
     """Generate `num_images` images of `subjects` in the scene `prompt` (see module doc).
-    Guidance scales left as None are the model's (`ModelConfig.text_scale`, `.image_scale`)."""
+    Guidance scales left as None are the model's (`ModelConfig.text_scale`, `.image_scale`).
+    Words the model does not know and a prompt cut to fit are an `InputWarning` each, or
+    with `strict` a `UserError`."""
     check_settings(num_steps, text_scale, image_scale, num_images, subject_fraction)
+    check_steps(pipeline.config, num_steps)
     text_scale, image_scale = guidance_scales(pipeline.config, text_scale, image_scale)
     one = prepare_inputs(pipeline, prompt, subjects)
+    for problem in prompt_problems(pipeline, prompt, subjects):
+        if strict:
+            raise UserError(problem)
+        warnings.warn(problem, InputWarning, stacklevel=2)
     pipeline = for_platform(pipeline, jax.default_backend())
     subject_steps = math.floor(subject_fraction * num_steps + 0.5)
     rng = jax.random.key(seed)

@@ -1,10 +1,11 @@
-"""Prompts with subject placeholders, tokenised for the fusion text encoder (SPEC 3c).
+"""Prompts with subject placeholders, tokenised for the fusion text encoder (docs/method.md §3c).
 
 A prompt for N subjects is `"{caption}, the {label_0} is sks, ..., the {label_N-1} is sks"`.
 `Tokenizer.prompt` returns fixed-length ids `[L]` plus, per subject slot `[N]`, the
 position of its placeholder token (whose embedding the subject's image replaces) and of
 its label's last token (two before the placeholder; both get the attention-map loss).
 A caption too long for L tokens is shortened; placeholders are never dropped.
+`Tokenizer.problems` says so, and names the words a vocabulary subset does not know.
 
 Ids come from CLIP's byte-level BPE (the vocabulary of every Stable Diffusion text
 encoder; a copy ships in `sdjax/assets/clip_tokenizer`). A small model may use a
@@ -187,6 +188,33 @@ class Tokenizer:
         if self._compact is None:
             return []
         return [w for w in text.replace(",", " ").split() if self.unknown_id in self.ids(w)]
+
+    def _text(self, clip_ids: Sequence[int]) -> str:
+        pieces = (self._bpe.encoder.id_to_token(i) or "" for i in clip_ids)
+        return "".join(pieces).replace("</w>", " ").strip()
+
+    def problems(self, caption: str, labels: Sequence[str], known: str = "") -> list[str]:
+        """What this model will not read as written, one message each: words it does not
+        know (each listed once; `known` may say which it does) and a prompt cut to fit
+        `max_length` tokens."""
+        found = []
+        unknown = list(dict.fromkeys(self.unknown_words(" ".join([caption, *labels]))))
+        if unknown:
+            found.append(
+                f"this model does not know the word{'s' * (len(unknown) > 1)} "
+                f"{', '.join(unknown)} (each is read as one unknown token){known}"
+            )
+        suffix = sum(len(self.ids(template("", [label]))) for label in labels)
+        budget = self.max_length - 2 - suffix
+        caption_ids = self.clip_ids(caption)
+        if budget >= 0 and len(caption_ids) > budget:
+            dropped = self._text(caption_ids[budget:])
+            found.append(
+                f"the prompt is {len(caption_ids)} tokens but this model reads "
+                f"{max(budget, 0)} (of {self.max_length}, with the subjects' part): "
+                f"{dropped!r} at its end is dropped"
+            )
+        return found
 
     def ids(self, text: str) -> list[int]:
         """Model ids of `text`, without begin/end tokens."""

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
-from sdjax.conditioning import auto_boxes, check_box, location_mask, reference_image
+from sdjax.conditioning import auto_boxes, location_mask, reference_image
 from sdjax.errors import UserError
+from sdjax.subjects import check_box
 from sdjax.tokenizer import Tokenizer, template
 
 SKS = 48136

@@ -16,6 +16,7 @@ from sdjax.data.records import Record, Subject, encode_image, encode_mask, image
 from sdjax.data.shapes import PATTERNS
 from sdjax.data.shards import ShardWriter
 from sdjax.data.transforms import (
+    ExampleConfig,
     ExampleTransform,
     Geometry,
     augment_reference,
@@ -70,7 +71,7 @@ def _loader(path, seed=0, batch_size=BATCH, **options):
     keys = {"process_index", "process_count", "worker_count", "num_epochs"}
     loader_args = {k: options.pop(k) for k in keys & options.keys()}
     loader_args = {"process_index": 0, "process_count": 1, **loader_args}
-    config = LoaderConfig(path=path, **options)
+    config = LoaderConfig.from_dict({"path": path, **options})
     return make_loader(config, CONFIG, TOKENIZER, batch_size=batch_size, seed=seed, **loader_args)
 
 
@@ -254,7 +255,9 @@ def test_toy_captions_leave_appearance_to_the_reference(scenes):
     assert len(appearance) >= 8
     config = CONFIG
     for describe, expected in ((0.0, False), (1.0, True)):
-        loader_config = LoaderConfig(path=scenes, describe_prob=describe, **NO_DROPS)
+        loader_config = LoaderConfig.from_dict(
+            {"path": scenes, "describe_prob": describe, **NO_DROPS}
+        )
         loader = make_loader(
             loader_config, config, full, batch_size=16, seed=0, process_index=0, process_count=1
         )
@@ -297,8 +300,7 @@ def _box_record():
 
 def test_best_subjects_and_a_centred_crop_when_they_cannot_all_fit():
     geometry = Geometry(16, 16, 2, 16, (0.5,) * 3, (0.5,) * 3, single_subject_box=False)
-    config = LoaderConfig(path="unused", **NO_DROPS)
-    transform = ExampleTransform(config, geometry, FULL_VOCAB)
+    transform = ExampleTransform(ExampleConfig(**NO_DROPS), geometry, FULL_VOCAB)
     example = transform.random_map(_box_record(), np.random.default_rng(0))
     # cat (best score), then dog (tied with cup, listed first); the crop is x 20..40.
     assert np.allclose(example["boxes"], [[0.75, 0.2, 1.0, 0.8], [0.0, 0.2, 0.25, 0.8]])
@@ -317,13 +319,13 @@ def test_masks_shrink_with_antialiasing():
 def test_reference_augmentation():
     rng = np.random.default_rng(0)
     square = rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)
-    off = {"path": "unused", "rotate_degrees": 0.0, "perspective_prob": 0.0}
-    flipped = augment_reference(square, rng, LoaderConfig(**off, hflip_prob=1.0))
+    off = {"rotate_degrees": 0.0, "perspective_prob": 0.0}
+    flipped = augment_reference(square, rng, ExampleConfig(**off, hflip_prob=1.0))
     assert np.array_equal(flipped, square[:, ::-1])
     assert np.array_equal(
-        augment_reference(square, rng, LoaderConfig(**off, hflip_prob=0.0)), square
+        augment_reference(square, rng, ExampleConfig(**off, hflip_prob=0.0)), square
     )
-    warped = augment_reference(square, rng, LoaderConfig(path="unused", perspective_prob=1.0))
+    warped = augment_reference(square, rng, ExampleConfig(perspective_prob=1.0))
     assert warped.shape == square.shape and (warped == 255).all(-1).any()  # white fill shows
     corners = np.stack([perspective_corners(24, 24, 0.5, rng) for _ in range(300)])
     assert corners.min() == 0 and corners.max() == 23
@@ -337,11 +339,13 @@ def test_reference_augmentation():
 
 def test_loader_config_reads_its_keys_only():
     data = ml_collections.ConfigDict({"path": "/x", "p_text": 0.1, "toy_scenes": 5000})
-    assert LoaderConfig.from_dict(data) == LoaderConfig(path="/x", p_text=0.1)
+    assert LoaderConfig.from_dict(data) == LoaderConfig(
+        path="/x", example=ExampleConfig(p_text=0.1)
+    )
     with pytest.raises(UserError, match="p_mask"):
-        LoaderConfig(path="/x", p_mask=1.5)
+        ExampleConfig(p_mask=1.5)
     with pytest.raises(UserError, match="exceed"):
-        LoaderConfig(path="/x", p_text=0.5, p_both=0.4, p_mask=0.2)
+        ExampleConfig(p_text=0.5, p_both=0.4, p_mask=0.2)
     with pytest.raises(UserError, match="data.path"):
         LoaderConfig.from_dict({"p_text": 0.1})
 

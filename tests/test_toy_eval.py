@@ -13,9 +13,10 @@ from PIL import Image
 from tiny import pipeline_for, tiny_config
 
 from sdjax.conditioning import mask_box
-from sdjax.data.toy import PALETTE, ToyWorld, render_subject
+from sdjax.data.toy import PALETTE, ToyWorld, render_subject, vocabulary
 from sdjax.errors import UserError
-from sdjax.eval.toy import add_parser, evaluate_toy
+from sdjax.eval.cli import add_parser
+from sdjax.eval.toy import evaluate_toy
 from sdjax.eval.toy_cases import exchange_boxes, make_cases, render_target
 from sdjax.eval.toy_classifier import (
     ClassifierConfig,
@@ -38,7 +39,6 @@ from sdjax.eval.toy_metrics import (
 )
 from sdjax.pipeline import save_pipeline
 from sdjax.tokenizer import Tokenizer
-from sdjax.train.tasks.vocabulary import toy_vocabulary
 
 WORLD = ToyWorld()
 R = 32  # the toy model's resolution, which the shipped classifier reads
@@ -47,7 +47,7 @@ R = 32  # the toy model's resolution, which the shipped classifier reads
 def toy_pipeline():
     """The tiny random test model (16 px) with a text vocabulary of the toy world's words."""
     base = tiny_config()
-    tokens = Tokenizer.for_vocabulary(toy_vocabulary(), base.text.max_position_embeddings)
+    tokens = Tokenizer.for_vocabulary(vocabulary(), base.text.max_position_embeddings)
     ids = tokens.vocab_subset
     text = dataclasses.replace(
         base.text,
@@ -246,7 +246,7 @@ def test_two_subject_cases_differ_in_every_attribute():
 def eval_toy_args(*argv):
     parser = argparse.ArgumentParser()
     add_parser(parser.add_subparsers())
-    return parser.parse_args(["toy", *argv])
+    return parser.parse_args(["eval", "toy", *argv])
 
 
 @pytest.mark.parametrize(

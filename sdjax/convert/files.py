@@ -2,7 +2,7 @@
 
 Reading memory-maps the file (a multi-GB UNet is not copied) and understands every dtype
 PyTorch writes, bfloat16 included; any damage (short file, bad header, tensor outside the
-file) is a `CheckpointError` naming the file.
+file, a NaN or infinity among the weights) is a `CheckpointError` naming the file.
 """
 
 from __future__ import annotations
@@ -60,7 +60,23 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         if end > size or end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
             raise CheckpointError(f"{path}: tensor {key!r} lies outside the file (truncated?)")
         tensors[key] = mm[begin:end].view(dtype).reshape(shape)
+    check_finite(tensors, path)
     return tensors
+
+
+def check_finite(tensors: Mapping[str, np.ndarray], where: str) -> None:
+    """Refuse weights holding NaN or infinity: such a model samples black images or noise
+    without any error, so damaged bytes must stop it at load."""
+    for key, value in tensors.items():
+        value = np.asarray(value)
+        if np.issubdtype(value.dtype, np.inexact) or value.dtype == ml_dtypes.bfloat16:
+            finite = np.isfinite(value)
+            if not finite.all():
+                bad = value.size - int(np.count_nonzero(finite))
+                raise CheckpointError(
+                    f"{where}: tensor {key!r} has {bad} non-finite values (NaN or infinity) "
+                    f"of {value.size}; the weights are damaged"
+                )
 
 
 def read_weights(folder: str, name: str) -> dict[str, np.ndarray]:

@@ -29,7 +29,7 @@ import grain
 import numpy as np
 
 from sdjax.data.shards import RecordSource
-from sdjax.data.transforms import ExampleTransform, Geometry
+from sdjax.data.transforms import ExampleConfig, ExampleTransform, Geometry
 from sdjax.errors import UserError
 from sdjax.tokenizer import Tokenizer
 
@@ -38,64 +38,52 @@ if TYPE_CHECKING:
 
 STATE_FORMAT = "sdjax-loader-1"
 _INT_KEYS = "__int_keys__"  # JSON objects only have string keys; grain's state has int keys
-_PROBABILITIES = (
-    "describe_prob",
-    "p_text",
-    "p_both",
-    "p_mask",
-    "hflip_prob",
-    "perspective_prob",
-    "region_box_prob",
-)
-_MINIMA = {"rotate_degrees": 0.0, "worker_count": 0, "read_threads": 1, "prefetch_buffer": 1}
+_MINIMA = {"worker_count": 0, "read_threads": 1, "prefetch_buffer": 1}
 
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    """The `data` config keys the loader reads (`from_dict` ignores the others).
+    """The `data` config keys the input pipeline reads: where and how records are read
+    here, how each becomes an example in `example` (`sdjax.data.transforms.ExampleConfig`).
 
-    path: record folder. describe_prob: share of toy examples captioned with colours and
-    patterns. p_text / p_both / p_mask: classifier-free-guidance drop rates (SPEC 4).
-    hflip_prob, rotate_degrees, perspective (torchvision's distortion_scale),
-    perspective_prob: reference augmentation. region_box_prob: share of examples whose
-    attention regions are their boxes, not their masks. shuffle: a new permutation each epoch.
-    worker_count: grain worker processes (0: threads in this process). read_threads /
-    prefetch_buffer: threads and elements read ahead per process or worker.
+    path: record folder. shuffle: a new permutation each epoch. worker_count: grain worker
+    processes (0: threads in this process). read_threads / prefetch_buffer: threads and
+    elements read ahead per process or worker.
     """
 
     path: str
-    describe_prob: float = 0.0
-    p_text: float = 0.05
-    p_both: float = 0.05
-    p_mask: float = 0.05
-    hflip_prob: float = 0.5
-    rotate_degrees: float = 10.0
-    perspective: float = 0.5
-    perspective_prob: float = 0.5
-    region_box_prob: float = 0.0
     shuffle: bool = True
     worker_count: int = 0
     read_threads: int = 4
     prefetch_buffer: int = 64
+    example: ExampleConfig = ExampleConfig()
 
     def __post_init__(self):
-        for name in (*_PROBABILITIES, "perspective"):
-            if not 0.0 <= getattr(self, name) <= 1.0:
-                raise UserError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
-        if self.p_text + self.p_both + self.p_mask > 1.0:
-            raise UserError("data.p_text + data.p_both + data.p_mask must not exceed 1")
         for name, least in _MINIMA.items():
             if getattr(self, name) < least:
                 raise UserError(f"data.{name} must be >= {least}, got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, data: Mapping) -> LoaderConfig:
-        """From a config's `data` section (a dict or ConfigDict); unknown keys are ignored."""
+        """From a config's flat `data` section (a dict or ConfigDict); keys that are
+        neither the loader's nor the examples' are ignored (the toy world's, for one)."""
         items = data.to_dict() if hasattr(data, "to_dict") else dict(data)
         if "path" not in items:
             raise UserError("data.path is required")
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in items.items() if k in names})
+        own, example = _field_names(cls) - {"example"}, _field_names(ExampleConfig)
+        return cls(
+            **{k: v for k, v in items.items() if k in own},
+            example=ExampleConfig(**{k: v for k, v in items.items() if k in example}),
+        )
+
+
+def data_keys() -> set[str]:
+    """Every `data` key the input pipeline reads."""
+    return (_field_names(LoaderConfig) - {"example"}) | _field_names(ExampleConfig)
+
+
+def _field_names(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
 
 
 def _jsonable(state):
@@ -178,7 +166,7 @@ def make_loader(
     num_epochs: int | None = None,
 ) -> Loader:
     """Subject-Diffusion batches of `batch_size` examples for this process (module doc)."""
-    transform = ExampleTransform(data_config, Geometry.of(model_config), tokenizer)
+    transform = ExampleTransform(data_config.example, Geometry.of(model_config), tokenizer)
     return make_record_loader(
         data_config,
         transform,

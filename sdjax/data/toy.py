@@ -130,6 +130,15 @@ class ToyWorld:
         return [t for t in every if (t in self.heldout_combos) == (split == "heldout")]
 
 
+def vocabulary() -> list[str]:
+    """Every word of the toy world's captions and labels (what the embedded model knows)."""
+    world = ToyWorld()
+    words = {"a", "an", "and", "on", "background", *BACKGROUNDS}
+    for names in (world.shapes, world.colours, world.patterns):
+        words.update(w for item in names for w in item.split())
+    return sorted(words)
+
+
 def caption(subjects: list[dict[str, str]], background: str, describe: bool = True) -> str:
     """'a red striped star, a blue dotted ring and ... on a gray background'; with
     `describe=False` the shapes alone: 'a star, a ring and ... on a gray background'."""

@@ -10,7 +10,7 @@ slots, R output size, M mask size, S image-encoder size, L tokens:
     drop_text, drop_loc, drop_objs: bool scalars
     noise_seed: int32 scalar (the train step's per-example noise and timestep)
 
-Empty slots are zeros. The steps (SPEC 5, "Preprocessing"): keep the best-scoring
+Empty slots are zeros. The steps (docs/method.md §5, "Preprocessing"): keep the best-scoring
 subjects; a random square crop holding all their boxes, resized to R; references cut from
 the uncropped image and mask, augmented (flip, rotation, torchvision-style perspective,
 white fill), resized to S and normalised; the caption (toy records: usually without the
@@ -33,14 +33,56 @@ from PIL import Image
 from sdjax.conditioning import WHITE, normalise, segment_square, subject_region
 from sdjax.data import toy
 from sdjax.data.records import Record, Subject, image_array, mask_array
+from sdjax.errors import UserError
 from sdjax.tokenizer import Tokenizer
 
 if TYPE_CHECKING:
-    from sdjax.data.loader import LoaderConfig
     from sdjax.subject_diffusion import ModelConfig
 
 _FILL = (WHITE, WHITE, WHITE)
 _TOY_ATTRIBUTES = frozenset({"colour", "pattern", "shape"})
+_PROBABILITIES = (
+    "describe_prob",
+    "p_text",
+    "p_both",
+    "p_mask",
+    "hflip_prob",
+    "perspective",
+    "perspective_prob",
+    "region_box_prob",
+)
+
+
+@dataclass(frozen=True)
+class ExampleConfig:
+    """The `data` config keys that shape each example (where and how records are read is
+    the loader's part of the section).
+
+    describe_prob: share of toy examples captioned with colours and patterns.
+    p_text / p_both / p_mask: classifier-free-guidance drop rates (docs/method.md §4).
+    hflip_prob, rotate_degrees, perspective (torchvision's distortion_scale),
+    perspective_prob: reference augmentation. region_box_prob: share of examples whose
+    attention regions are their boxes, not their masks.
+    """
+
+    describe_prob: float = 0.0
+    p_text: float = 0.05
+    p_both: float = 0.05
+    p_mask: float = 0.05
+    hflip_prob: float = 0.5
+    rotate_degrees: float = 10.0
+    perspective: float = 0.5
+    perspective_prob: float = 0.5
+    region_box_prob: float = 0.0
+
+    def __post_init__(self):
+        for name in _PROBABILITIES:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise UserError(f"data.{name} must be in [0, 1], got {getattr(self, name)}")
+        if self.p_text + self.p_both + self.p_mask > 1.0:
+            raise UserError("data.p_text + data.p_both + data.p_mask must not exceed 1")
+        if self.rotate_degrees < 0:
+            raise UserError(f"data.rotate_degrees must be >= 0, got {self.rotate_degrees}")
 
 
 @dataclass(frozen=True)
@@ -70,9 +112,10 @@ class Geometry:
 
 
 def cfg_drops(r: float, p_text: float, p_both: float, p_mask: float) -> dict[str, bool]:
-    """Classifier-free-guidance drops for one draw r ~ U(0, 1) (SPEC 4): [0, p_text) drops
-    the text; the next p_both the text, the location mask and the grounding tokens (as the
-    sampler's unconditional branch); the next p_mask the location mask alone."""
+    """Classifier-free-guidance drops for one draw r ~ U(0, 1) (docs/method.md §4):
+    [0, p_text) drops the text; the next p_both the text, the location mask and the
+    grounding tokens (as the sampler's unconditional branch); the next p_mask the location
+    mask alone."""
     text_only = r < p_text
     both = p_text <= r < p_text + p_both
     mask_only = p_text + p_both <= r < p_text + p_both + p_mask
@@ -155,7 +198,7 @@ def perspective_corners(width: int, height: int, distortion: float, rng) -> np.n
     )
 
 
-def augment_reference(square: np.ndarray, rng, config: LoaderConfig) -> np.ndarray:
+def augment_reference(square: np.ndarray, rng, config: ExampleConfig) -> np.ndarray:
     """uint8 `[s, s, 3]` -> the same size, flipped (p = `hflip_prob`), rotated uniformly
     within +-`rotate_degrees` and, with p = `perspective_prob`, perspective-warped by
     `perspective` (left unwarped when the corners drawn admit no PIL homography); uncovered
@@ -195,7 +238,7 @@ def _ranked_subjects(record: Record, slots: int) -> list[tuple[Subject, np.ndarr
 class ExampleTransform(grain.transforms.RandomMap):
     """Record -> one example (module docstring); picklable for grain worker processes."""
 
-    config: LoaderConfig
+    config: ExampleConfig
     geometry: Geometry
     tokenizer: Tokenizer
 
@@ -265,7 +308,7 @@ class ContrastiveTransform(grain.transforms.RandomMap):
     """Record -> one random subject as an (image, text) pair for CLIP-style pre-training:
     {"image": float32 `[S, S, 3]` (its augmented reference view), "ids": int32 `[L]`}."""
 
-    config: LoaderConfig
+    config: ExampleConfig
     size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]

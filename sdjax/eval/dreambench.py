@@ -1,5 +1,6 @@
-"""DreamBench evaluation (SPEC 7): `sdjax eval dreambench` generates images of DreamBench's
-subjects with a pipeline and scores them with DINO, CLIP-I and CLIP-T, resumably.
+"""DreamBench evaluation (docs/method.md §7): `sdjax eval dreambench` generates images of
+DreamBench's subjects with a pipeline and scores them with DINO, CLIP-I and CLIP-T,
+resumably.
 
 Protocol (choices marked * are ours, where DreamBench leaves them open):
 - Data: the `dataset/` folder of google's dreambooth repository: one folder of 4-6 photos
@@ -32,7 +33,6 @@ line per finished prompt: per-image scores, seed, boxes, image paths),
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -256,98 +256,26 @@ def evaluate(pipeline, scorer: Scorer, bench: Bench, tasks: list[Task], out: str
     return len(todo)
 
 
-def add_parser(sub) -> None:
-    """The `dreambench` subcommand (under `sdjax eval`)."""
-    p = sub.add_parser("dreambench", help="DreamBench scores (DINO, CLIP-I, CLIP-T) of a model")
-    p.add_argument(
-        "--checkpoint",
-        metavar="DIR",
-        help="pipeline folder or training workdir (default: the embedded model)",
-    )
-    p.add_argument("--data", required=True, metavar="DIR", help="DreamBench's dataset/ folder")
-    clip = "transformers CLIPModel folder or open_clip .safetensors"
-    p.add_argument(
-        "--dino",
-        required=True,
-        metavar="PATH",
-        help="DINO ViT-S/16: transformers ViTModel folder or timm .safetensors",
-    )
-    p.add_argument("--clip-b32", required=True, metavar="PATH", help=f"CLIP ViT-B/32: {clip}")
-    p.add_argument("--clip-l14", metavar="PATH", help=f"optional CLIP ViT-L/14: {clip}")
-    p.add_argument(
-        "--open-clip-act",
-        default="quick_gelu",
-        choices=("quick_gelu", "gelu"),
-        help="activation of open_clip safetensors files (quick_gelu: OpenAI's weights)",
-    )
-    p.add_argument("--out", required=True, metavar="DIR", help="results folder (resumable)")
-    p.add_argument("--subjects", metavar="A,B", help="subjects to run (default: all 30)")
-    p.add_argument(
-        "--prompts-per-subject", type=int, metavar="K", help="the first K prompts (default: all)"
-    )
-    p.add_argument("--images-per-prompt", type=int, default=6, metavar="N")
-    p.add_argument("--masks", metavar="DIR", help="optional DIR/<subject>.png reference masks")
-    p.add_argument("--steps", type=int, default=50, metavar="N", help="DDIM steps")
-    p.add_argument("--seed", type=int, default=0, metavar="N")
-    p.add_argument("--text-scale", type=float, default=7.5, metavar="S")
-    p.add_argument("--image-scale", type=float, default=1.5, metavar="S")
-    p.add_argument("--subject-fraction", type=float, default=1.0, metavar="F")
-    p.add_argument("--pairs", action="store_true", help="also the two-subject evaluation")
-    p.add_argument("--report", action="store_true", help="also write OUT/report/index.html")
-    p.set_defaults(run=run)
-
-
-def settings_from_args(args: argparse.Namespace) -> Settings:
-    """Checked settings (metric files must exist: nothing is downloaded)."""
-    from sdjax.sampling import check_settings as check_sampler
-
-    check_sampler(
-        args.steps, args.text_scale, args.image_scale, args.images_per_prompt, args.subject_fraction
-    )
-    if args.prompts_per_subject is not None and args.prompts_per_subject < 1:
-        raise UserError(f"--prompts-per-subject must be at least 1, got {args.prompts_per_subject}")
-    for flag in ("dino", "clip_b32", "clip_l14", "masks", "checkpoint"):
-        path = getattr(args, flag)
-        if path is not None and not os.path.exists(path):
-            raise UserError(
-                f"--{flag.replace('_', '-')}: {path} not found (weights are not downloaded)"
-            )
-    absolute = {
-        flag: os.path.abspath(getattr(args, flag)) if getattr(args, flag) else None
-        for flag in ("checkpoint", "dino", "clip_b32", "clip_l14", "masks")
-    }
-    return Settings(
-        **absolute,
-        seed=args.seed,
-        steps=args.steps,
-        images_per_prompt=args.images_per_prompt,
-        text_scale=args.text_scale,
-        image_scale=args.image_scale,
-        subject_fraction=args.subject_fraction,
-        open_clip_act=args.open_clip_act,
-    )
-
-
-def run(args: argparse.Namespace) -> int:
-    bench = read_bench(args.data)
-    subjects = select_subjects(bench, args.subjects)
-    tasks = make_tasks(bench, subjects, args.prompts_per_subject, args.pairs)
+def run_benchmark(
+    data: str,
+    out: str,
+    settings: Settings,
+    subjects: str | None = None,
+    prompts_per_subject: int | None = None,
+    pairs: bool = False,
+) -> tuple[int, int]:
+    """Generate and score DreamBench (`data`: its dataset/ folder) into `out`, resuming
+    what a run with the same settings left -> (prompts run now, prompts in all)."""
+    bench = read_bench(data)
+    tasks = make_tasks(bench, select_subjects(bench, subjects), prompts_per_subject, pairs)
     for subject in {s for t in tasks for s in t.subjects}:
         bench.photos(subject)  # every subject has photos, before anything slow
-    settings = settings_from_args(args)
-    check_resumable(args.out, settings)
+    check_resumable(out, settings)
     from sdjax.convert.files import write_json
-    from sdjax.eval.report import write_report, write_tables
     from sdjax.pipeline import load_pipeline
 
     pipeline = load_pipeline(settings.checkpoint)
     scorer = load_scorer(settings)
-    os.makedirs(args.out, exist_ok=True)
-    write_json(os.path.join(args.out, SETTINGS), asdict(settings))
-    ran = evaluate(pipeline, scorer, bench, tasks, args.out, settings)
-    print(f"dreambench: {ran} prompts generated, {len(tasks) - ran} already done")
-    for path in write_tables(args.out):
-        print(f"wrote {path}")
-    if args.report:
-        print(f"wrote {write_report(args.out)}")
-    return 0
+    os.makedirs(out, exist_ok=True)
+    write_json(os.path.join(out, SETTINGS), asdict(settings))
+    return evaluate(pipeline, scorer, bench, tasks, out, settings), len(tasks)

@@ -9,16 +9,12 @@ only: `subject_fraction=0`, same noise), and rendered as its target scene (the s
 renders resized into their boxes: what a perfect model would draw, so the metrics'
 ceiling). The pieces: `toy_cases` (cases, targets, batched sampling), `toy_metrics` (the
 metrics, their chance levels, the table and sheet), `toy_classifier` (the attribute
-reader). This module holds `evaluate_toy` and the command line (light to import):
-
-    sdjax eval toy [--checkpoint DIR] [--cases N] [--seed S] [--steps N]
-                   [--out results.json] [--sheet sheet.png]
-    sdjax eval toy --train-classifier OUT [--seed S]     # rebuild the attribute reader
+reader). This module holds `generate_cases` and `evaluate_toy` (light to import); the
+command line (`sdjax eval toy`, `sdjax.eval.cli`) calls them.
 """
 
 from __future__ import annotations
 
-import os
 import time
 
 from sdjax.errors import UserError
@@ -49,9 +45,10 @@ def generate_cases(
         make_cases,
         subject_render,
     )
-    from sdjax.sampling import check_settings, guidance_scales, prepare_inputs
+    from sdjax.sampling import check_settings, check_steps, guidance_scales, prepare_inputs
 
     check_settings(steps, text_scale, image_scale, 1, 1.0)
+    check_steps(pipeline.config, steps)
     text_scale, image_scale = guidance_scales(pipeline.config, text_scale, image_scale)
     if n_cases < 1 or batch_size < 1:
         raise UserError(f"cases and batch size must be at least 1, got {n_cases}, {batch_size}")
@@ -114,91 +111,3 @@ def evaluate_toy(pipeline, *, classifier=None, sheet: str | None = None, **gener
         **tm.report(world, cases, boxes, measured, table, (x_cases, x_measured)),
         "seconds": seconds,
     }
-
-
-def add_parser(subparsers) -> None:
-    """Adds `toy` (under `sdjax eval`) to an argparse subparsers object."""
-    p = subparsers.add_parser("toy", help="measure personalisation on held-out toy subjects")
-    p.add_argument("--checkpoint", metavar="DIR", help="pipeline or workdir (default: embedded)")
-    p.add_argument(
-        "--raw-weights",
-        action="store_true",
-        help="with a training workdir: its trained weights, not their EMA",
-    )
-    p.add_argument("--cases", type=int, default=100, help="number of cases (default 100)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    p.add_argument("--text-scale", type=float, help="text guidance (default: the model's)")
-    p.add_argument("--image-scale", type=float, help="image guidance (default: the model's)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per sampling call")
-    p.add_argument("--classifier", metavar="DIR", help="attribute classifier (default: shipped)")
-    p.add_argument("--out", metavar="results.json", help="write the full report as JSON")
-    p.add_argument("--sheet", metavar="sheet.png", help="write a picture of the first cases")
-    p.add_argument(
-        "--train-classifier",
-        metavar="OUT",
-        help="instead: train the attribute classifier (from --seed) and save it in OUT",
-    )
-    p.add_argument(
-        "--classifier-steps", type=int, default=None, help="with --train-classifier (default 2500)"
-    )
-    p.set_defaults(run=run)
-
-
-def _check_output(path: str | None) -> None:
-    folder = os.path.dirname(os.path.abspath(path)) if path else None
-    if folder and not os.path.isdir(folder):
-        raise UserError(f"output folder does not exist: {folder}")
-
-
-def run(args) -> int:
-    for path in (args.out, args.sheet, args.train_classifier):
-        _check_output(path)
-    if args.train_classifier:
-        return _train(args)
-    from sdjax.convert.files import write_json
-    from sdjax.eval.toy_classifier import load_classifier
-    from sdjax.eval.toy_metrics import markdown_table
-    from sdjax.pipeline import load_pipeline
-
-    classifier = load_classifier(args.classifier)
-    report = evaluate_toy(
-        load_pipeline(args.checkpoint, use_ema=False if args.raw_weights else None),
-        n_cases=args.cases,
-        seed=args.seed,
-        steps=args.steps,
-        text_scale=args.text_scale,
-        image_scale=args.image_scale,
-        classifier=classifier,
-        batch_size=args.batch_size,
-        sheet=args.sheet,
-    )
-    print(markdown_table(report))
-    if args.out:
-        write_json(args.out, report)
-    return 0
-
-
-def _train(args) -> int:
-    from sdjax.eval import toy_classifier as tc
-
-    steps = tc.TRAIN_STEPS if args.classifier_steps is None else args.classifier_steps
-    if steps < 1:
-        raise UserError(f"classifier steps must be at least 1, got {steps}")
-    start = time.perf_counter()
-    classifier, losses = tc.train_classifier(seed=args.seed, steps=steps)
-    seconds = time.perf_counter() - start
-    # Held-out renders: scenes of another seed's streams, boxes exact, no augmentation.
-    accuracy = tc.classifier_accuracy(
-        classifier, tc.make_crop_set(classifier.config, 1000, args.seed + 1)
-    )
-    info = {
-        "seed": args.seed,
-        "steps": steps,
-        "seconds": round(seconds, 1),
-        "final_loss": losses[-1],
-        "heldout_accuracy": accuracy,
-    }
-    tc.save_classifier(classifier, args.train_classifier, info)
-    print(f"saved the toy classifier in {args.train_classifier}: held-out accuracy {accuracy}")
-    return 0

@@ -1,6 +1,7 @@
 """Contrastive (CLIP-style) pre-training: the toy world's stand-in for a pretrained CLIP.
 
-Subject-Diffusion encodes references with a frozen, pretrained CLIP image tower (SPEC 3b).
+Subject-Diffusion encodes references with a frozen, pretrained CLIP image tower
+(docs/method.md §2, §3b).
 No such weights exist for the toy world, so sdjax trains its own with `config.task =
 "clip"` (`configs/toy_clip.py`): pairs of one subject's augmented reference view and its
 description ("a red striped star"), symmetric InfoNCE with a learned temperature, the
@@ -102,7 +103,7 @@ class ClipTask:
             {**config.data.to_dict(), "path": prepare_data(config, workdir)}
         )
         transform = ContrastiveTransform(
-            data, vision.image_size, vision.mean, vision.std, self.tokenizer
+            data.example, vision.image_size, vision.mean, vision.std, self.tokenizer
         )
         loader = make_record_loader(data, transform, batch_size=local_batch, seed=config.train.seed)
         return loader, None

@@ -1,4 +1,6 @@
-"""A run's record folder: `data.path`, or a toy world generated in the workdir on first use."""
+"""A run's record folder: `data.path`, or (left empty) a toy world generated in the workdir
+on first use. A `data.path` that names no record folder is an error, never generated into:
+a mistyped path must not start a 20 000-scene generation."""
 
 from __future__ import annotations
 
@@ -19,8 +21,9 @@ def prepare_data(config, workdir: str) -> str:
     if paths.exists(manifest):
         return path
     toy_n = config.data.get("toy_n", 0)
-    if not toy_n:
-        raise UserError(f"no dataset at data.path={path} (no {MANIFEST})")
+    if config.data.path or not toy_n:
+        hint = " (leave data.path empty to generate the toy world in WORKDIR/data)" * bool(toy_n)
+        raise UserError(f"no record folder at data.path={path} (no {MANIFEST}){hint}")
     if jax.process_index() == 0:
         from sdjax.data.generate import write_toy_dataset
 
