@@ -1,4 +1,4 @@
-"""The authors' setting (SPEC 4): Subject-Diffusion on Stable Diffusion 2-base at 512 px.
+"""The authors' setting (docs/method.md §4): Subject-Diffusion on Stable Diffusion 2-base at 512 px.
 
 The architecture is written out here (Stable Diffusion 2-base's UNet, VAE and OpenCLIP
 ViT-H text tower, the OpenCLIP ViT-H/14 image tower), so the run can be planned without
@@ -32,7 +32,7 @@ def get_config():
             use_linear_projection=True,
             norm_num_groups=32,
             adapter=True,
-            # cross-attention at 32/16/8 of 64x64 latents (SPEC 3d)
+            # cross-attention at 32/16/8 of 64x64 latents (docs/method.md §3d)
             probe_layers=(
                 "down_blocks_1",
                 "down_blocks_2",
@@ -96,6 +96,7 @@ def get_config():
         region_attention=True,  # beyond the paper: subjects' tokens bound to their regions
         attention="auto",  # kernel: TPU splash, GPU cuDNN, CPU XLA (sdjax.models.kernels)
     )
+    c.task = "subject_diffusion"
     c.init = dict(pretrained="", image_encoder="")
     c.data = dict(
         path="",
@@ -104,7 +105,18 @@ def get_config():
         p_both=0.05,
         p_mask=0.05,
         region_box_prob=0.25,
+        # reference augmentation (docs/method.md §5)
+        hflip_prob=0.5,
+        rotate_degrees=10.0,
+        perspective=0.5,
+        perspective_prob=0.5,
+        shuffle=True,
         worker_count=8,
+        read_threads=4,
+        prefetch_buffer=64,
+        toy_n=0,  # data.path holds records; no toy world is generated
+        toy_seed=0,
+        toy_size=64,
     )
     c.train = dict(
         num_steps=300_000,
@@ -114,15 +126,20 @@ def get_config():
         schedule_steps=0,  # length of the decay; 0: num_steps
         decay="constant",
         clip_norm=0.0,  # the authors do not clip
+        b1=0.9,  # AdamW as the authors (docs/method.md §4)
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
         ema=False,
         trainable=AUTHORS_TRAINABLE,
         checkpoint_every=5000,
         log_every=50,
         seed=0,
         preview_every=0,
+        preview_steps=25,
         max_to_keep=3,
     )
-    c.loss = dict(attn_weight=0.01, attn_form="balanced_l1")
+    c.loss = dict(attn_weight=0.01, attn_form="balanced_l1", ema_decay=0.9999)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)
     # First match wins where a parameter names two axes: the token table splits its rows
     # (vocab), so its gradient (batch-split lookups scattered into it) needs no reshuffle.

@@ -82,6 +82,7 @@ def get_config():
         region_attention=True,
         attention="auto",  # kernel: TPU splash, GPU cuDNN, CPU XLA (sdjax.models.kernels)
     )
+    c.task = "subject_diffusion"
     # image_encoder: the toy CLIP run (configs/toy_clip.py); empty = a random frozen tower.
     c.init = dict(pretrained="", image_encoder="")
     c.data = dict(
@@ -94,7 +95,14 @@ def get_config():
         p_both=0.05,
         p_mask=0.05,
         region_box_prob=0.25,  # regions from boxes, as for a subject sampled without a mask
+        hflip_prob=0.5,  # reference augmentation
+        rotate_degrees=10.0,
+        perspective=0.5,
+        perspective_prob=0.5,
+        shuffle=True,
         worker_count=0,
+        read_threads=4,
+        prefetch_buffer=64,
     )
     c.train = dict(
         num_steps=4000,  # about 2 hours on a 2-core CPU (JAX_NUM_CPU_DEVICES=2)
@@ -104,6 +112,10 @@ def get_config():
         schedule_steps=0,  # length of the decay; 0: num_steps
         decay="cosine",
         clip_norm=1.0,
+        b1=0.9,  # AdamW
+        b2=0.999,
+        eps=1e-8,
+        weight_decay=0.0,
         ema=True,
         # From scratch every part trains except the frozen image encoder.
         trainable=(r"^(unet|text_encoder|grounding|cls_mlp)/",),
