@@ -1,4 +1,4 @@
-"""The SDD curation pipeline (SPEC 5): images -> caption -> nouns -> boxes -> masks -> records.
+"""The SDD curation pipeline (docs/method.md §5): image, caption, nouns, boxes, masks, record.
 
 - `stages.py`: the steps, one function each, and the batch they run on (shared);
 - `sources.py`: input in the importers' formats (image folders, webdataset tars, COCO),

@@ -145,7 +145,7 @@ def grounded_detections(
 
 
 class GroundingDinoDetector:
-    """Boxes for the caption's nouns with Grounding DINO (thresholds: SPEC 5's 0.25 / 0.2)."""
+    """Boxes for the caption's nouns with Grounding DINO (docs/method.md §5: 0.25 / 0.2)."""
 
     def __init__(
         self,

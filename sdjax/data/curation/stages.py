@@ -1,4 +1,4 @@
-"""The curation stages (SPEC 5), one function per step, shared by both runners.
+"""The curation stages (docs/method.md §5), one function per step, shared by both runners.
 
 Per image, in the authors' order: load (the original short side test; the image to store),
 caption (batched), nouns (3 to 8), detect (the nouns' boxes, thresholds applied by the
