@@ -18,7 +18,7 @@ import sys
 import warnings
 
 from sdjax import __version__
-from sdjax.data.cli import register as add_data_parser
+from sdjax.data.cli import add_parser as add_data_parser
 from sdjax.errors import InputWarning, UserError
 from sdjax.eval.cli import add_parser as add_eval_parser
 from sdjax.plan import add_parser as add_plan_parser

@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from sdjax.cli import _Parser
 from sdjax.data import toy
-from sdjax.data.cli import register
+from sdjax.data.cli import add_parser
 from sdjax.data.records import image_array, mask_array
 from sdjax.data.shards import MANIFEST, RecordSource
 from sdjax.errors import UserError
@@ -137,7 +137,7 @@ def test_world_rejects_unknown_vocabulary():
 
 def _data_cli(*argv):
     parser = _Parser(prog="sdjax")
-    register(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    add_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
     args = parser.parse_args(["data", *argv])
     return args.run(args)
 

@@ -1,6 +1,6 @@
 """`sdjax data ...`: make record folders (toy world, imports, curation), look at them, check them.
 
-`register(subparsers)` adds the `data` command to the main parser; handlers import the heavy
+`add_parser(subparsers)` adds the `data` command to the main parser; handlers import the heavy
 modules when they run, so `sdjax --help` stays fast. Bad input raises `UserError`.
 """
 
@@ -14,7 +14,7 @@ from sdjax.errors import UserError
 _MODEL_ROLES = ("captioner", "detector", "segmenter")
 
 
-def register(subparsers) -> None:
+def add_parser(subparsers) -> None:
     """Adds `data toy|import|curate|sheet|info` to an argparse subparsers object."""
     data = subparsers.add_parser("data", help="make, inspect and look at record folders")
     sub = data.add_subparsers(dest="data_command", required=True, parser_class=type(data))
@@ -85,11 +85,12 @@ def _register_curate(sub) -> None:
     curate = sub.add_parser(
         "curate",
         help="caption, detect, segment and filter images (one process, or Apache Beam)",
-        description="The authors' curation (SPEC 5) with BLIP-2, Grounding DINO and SAM folders "
-        "(save_pretrained; local or gs://). Input: a folder of images, webdataset tars, or COCO "
-        "(--instances); local or gs://. An interrupted run resumes when the same command is "
-        "run again. --beam runs it as an Apache Beam pipeline: every option after --beam is "
-        "Beam's (default: the DirectRunner on every local core; --runner=DataflowRunner ...).",
+        description="The authors' curation (docs/method.md §5) with BLIP-2, Grounding DINO "
+        "and SAM folders (save_pretrained; local or gs://). Input: a folder of images, "
+        "webdataset tars, or COCO (--instances); local or gs://. An interrupted run resumes "
+        "when the same command is run again. --beam runs it as an Apache Beam pipeline: every "
+        "option after --beam is Beam's (default: the DirectRunner on every local core; "
+        "--runner=DataflowRunner ...).",
     )
     curate.add_argument(
         "sources", nargs="+", metavar="SOURCE", help="image folder, or webdataset tars (*.tar)"
