@@ -1,6 +1,7 @@
-"""SPEC 7's ablations on the toy world: each row is configs/toy.py with one part of the
-method switched off, trained with the same budget and measured with `sdjax eval toy`. The
-last row switches off sdjax's own addition, region-bound attention (beyond the paper).
+"""The paper's ablations (docs/method.md §7) on the toy world: each row is configs/toy.py
+with one part of the method switched off, trained with the same budget and measured with
+`sdjax eval toy`. The last row switches off sdjax's own addition, region-bound attention
+(beyond the paper).
 
     python bench/toy_ablations.py --data workdirs/toy_data --image-encoder workdirs/toy_clip \\
         --root workdirs/ablations [--steps 3000] [--rows full,no_adapter] [--cases 100]
@@ -23,7 +24,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# row -> (config overrides, the paper's DINO change single / two subjects; SPEC 7)
+# row -> (config overrides, the paper's DINO change single / two subjects; docs/method.md §7)
 ROWS = {
     "full": ([], None),
     "no_location_control": (["model.location_control=False"], (-0.017, -0.029)),

@@ -4,6 +4,7 @@ rotated phone photos, per-subject options and the --subjects file read as meant.
 
 import json
 import os
+import re
 import struct
 import zlib
 
@@ -312,6 +313,21 @@ def test_the_embedded_models_warning_names_the_words_it_knows():
     (problem,) = prompt_problems(load_pipeline(), "a dog on the beach", [])
     assert "dog, beach" in problem and "it knows only the toy world's words" in problem
     assert "star" in problem and "checkered" in problem
+
+
+def test_the_documented_example_prompts_use_words_the_embedded_model_knows(capsys):
+    """`sdjax sample --help` and the package docstring show prompts a new user copies (the
+    help's was 'a dog on the beach', two words the embedded model does not know)."""
+    from sdjax.sampling import prompt_problems
+
+    assert cli("sample", "--help") == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    examples = re.findall(r"e\.g\. '([^']+)'", help_text)
+    examples += re.findall(r'sdjax\.sample\(pipe, "([^"]+)"', sdjax.__doc__)
+    assert len(examples) == 2, examples
+    pipeline = load_pipeline()
+    for prompt in examples:
+        assert prompt_problems(pipeline, prompt, []) == [], prompt
 
 
 def test_a_mistyped_data_path_is_an_error_not_a_new_toy_world(tmp_path):
