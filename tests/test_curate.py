@@ -13,6 +13,7 @@ from PIL import Image
 
 from sdjax.cli import main
 from sdjax.data import curation as C
+from sdjax.data.curation import output
 from sdjax.data.curation.output import WORK
 from sdjax.data.nouns import caption_nouns
 from sdjax.data.records import encode_image, mask_array
@@ -155,6 +156,27 @@ def test_curation_resumes_after_a_crash(curated, tmp_path):
         assert (out / name).read_bytes() == (reference_out / name).read_bytes(), name
     with pytest.raises(UserError, match="not empty"):
         C.curate(ITEMS, resumed.stages(), str(out), CONFIG)
+
+
+def test_a_damaged_shard_is_never_listed(curated, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        C.curate(ITEMS, FakeStages(fail_at=7).stages(), str(out), CONFIG)
+    shard = out / "shard-00000-00000.array_record"
+    shard.write_bytes(shard.read_bytes()[:-10])  # damaged after its block was reported
+    blocks = out / WORK / "blocks"
+    results = [json.loads(path.read_text()) for path in sorted(blocks.iterdir())]
+    with pytest.raises(UserError, match="not whole"):
+        output.finish(str(out), results, {})
+    assert not (out / MANIFEST).exists()
+    # the rerun takes the damaged shard's block as unfinished: blocks 0, 2 and 3 run again
+    resumed = FakeStages()
+    C.curate(ITEMS, resumed.stages(), str(out), CONFIG)
+    assert len(resumed.captioned) == 3 + 4
+    reference_out, _ = curated
+    assert sorted(os.listdir(out)) == sorted(os.listdir(reference_out))
+    for name in os.listdir(reference_out):
+        assert (out / name).read_bytes() == (reference_out / name).read_bytes(), name
 
 
 def test_nms_and_unlabelled_detections():

@@ -11,9 +11,9 @@ A shard is written under a temporary name (local: in `.curate/tmp`, then renamed
 place; `gs://`: staged locally and uploaded, a GCS object appearing whole), so a name
 `shard-*.array_record` is only ever a complete shard. Writing a block is idempotent: its
 content depends on the input alone, so a retried or rerun block writes the same bytes. A
-rerun of an unfinished curation (the same plan) skips the blocks whose report exists. The
-manifest lists only shards of block reports, each checked for its size before it is listed;
-then `.curate` is removed.
+rerun of an unfinished curation (the same plan) skips the blocks whose report exists and
+whose shard is whole (of the reported size). The manifest lists only shards of block
+reports, each checked for its size before it is listed; then `.curate` is removed.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def prepare(out_dir: str, plan: dict, overwrite: bool) -> dict[tuple[int, int], 
                     f"{out_dir} holds an unfinished curation of other input or settings: "
                     f"rerun its command, or pass --overwrite ({_difference(previous, plan)})"
                 )
-            return _finished_blocks(work)
+            return _finished_blocks(out_dir)
     if paths.exists(out_dir) and not paths.isdir(out_dir):
         raise UserError(f"output {out_dir} is a file, not a folder")
     if paths.listdir(out_dir):
@@ -93,11 +93,18 @@ def _remove_tree(path: str) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _finished_blocks(work: str) -> dict[tuple[int, int], dict]:
-    folder = paths.join(work, _BLOCKS)
+def _finished_blocks(out_dir: str) -> dict[tuple[int, int], dict]:
+    """The blocks whose report exists and whose shard (if any) is whole: a block whose shard
+    went missing or was damaged since is not finished, and the rerun writes it again."""
+    folder = paths.join(out_dir, WORK, _BLOCKS)
     names = [n for n in paths.listdir(folder) if n.endswith(".json") and not n.startswith(".")]
     results = [json.loads(data) for data in _read_all([paths.join(folder, n) for n in names])]
-    return {tuple(result["block"]): result for result in results}
+    sizes = _sizes(out_dir)
+    return {
+        tuple(result["block"]): result
+        for result in results
+        if result["shard"] is None or sizes.get(result["shard"]["file"]) == result["shard"]["bytes"]
+    }
 
 
 def _gcs():
