@@ -23,7 +23,7 @@ from test_curate import CONFIG, ITEMS, FakeStages  # noqa: E402
 from test_curation_models import tiny_models  # noqa: E402
 
 from sdjax.cli import main  # noqa: E402
-from sdjax.data.curation import beam, local, sources  # noqa: E402
+from sdjax.data.curation import beam, local, output, sources  # noqa: E402
 from sdjax.data.curation.output import WORK  # noqa: E402
 from sdjax.data.curation.stages import StageClock  # noqa: E402
 from sdjax.data.records import Record  # noqa: E402
@@ -69,6 +69,33 @@ def test_beam_writes_the_single_process_shards(tmp_path):
     assert clock.images["read"] == clock.images["load"] == clock.images["write"] == 14
     assert clock.images["caption"] == 10 and clock.images["segment"] == 8
     assert all(seconds > 0 for seconds in clock.seconds.values())
+
+
+def test_beam_metrics_hold_the_report_counts(tmp_path):
+    """The job's `sdjax.curate` counters: report.json's counts, dropped ones by reason."""
+    import apache_beam
+    from apache_beam.metrics.metric import MetricsFilter
+
+    units = sources.listing_units(ITEMS, CONFIG.chunk_size)
+    described = sources.items_description(ITEMS)
+    out = str(tmp_path / "out")
+    done = output.prepare(out, local.plan(CONFIG, described), overwrite=False)
+    pipeline = apache_beam.Pipeline(options=beam.pipeline_options(IN_PROCESS))
+    beam.build(pipeline, units, _steps(FakeStages()), CONFIG, out, done, {})
+    result = pipeline.run()
+    result.wait_until_finish()
+    metrics = result.metrics().query(MetricsFilter().with_namespace(beam.NAMESPACE))
+    counts = {
+        c.key.metric.name: c.result
+        for c in metrics["counters"]
+        if not c.key.metric.name.endswith(".images")  # the per-step counts
+    }
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    expected = {name: report[name] for name in ("images_seen", "images_kept", "subjects_kept")}
+    for kind in ("dropped_images", "dropped_subjects"):
+        expected |= {f"{kind}.{reason}": n for reason, n in report[kind].items()}
+    assert counts == expected
+    assert counts["images_seen"] == 14 and counts["dropped_subjects.area_ratio"] == 8
 
 
 def test_webdataset_tars_cut_into_blocks(tmp_path):
