@@ -28,7 +28,7 @@ def get_config():
             norm_num_groups=8,
             use_linear_projection=True,
             adapter=True,
-            # the attention-map loss where the cross-attention is (SPEC 3d: 32/16/8 of 64)
+            # the attention-map loss where the cross-attention is (docs/method.md §3d)
             probe_layers=(
                 "down_blocks_1",
                 "down_blocks_2",
@@ -74,7 +74,7 @@ def get_config():
         image_scale=3.0,
         grounding_hidden=64,
         vocab="toy",
-        # SPEC 7's ablations switch these off (bench/toy_ablations.py)
+        # docs/method.md §7: the ablations switch these off (bench/toy_ablations.py)
         location_control=True,
         box_coordinates=True,
         cls_feature=True,

@@ -4,9 +4,8 @@ Contract: bad input exits with status 2 and one line `error: ...` on stderr, and
 partial file; input a run goes on with but will not read as written (a word the model does
 not know) is one line `warning: ...`. A command's front end (its parser and `run`) is the
 `cli.py` of the package whose work it drives: this file for the top-level commands (demo,
-sample, export), `sdjax.data.cli`, `sdjax.train.cli`, `sdjax.eval.cli` (and, for now,
-`sdjax.plan`). None imports JAX at module level, so `sdjax --help` and every command's
-`--help` answer at once.
+sample, plan, export), `sdjax.data.cli`, `sdjax.train.cli`, `sdjax.eval.cli`. None
+imports JAX at module level, so `sdjax --help` and every command's `--help` answer at once.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from sdjax import __version__
 from sdjax.data.cli import add_parser as add_data_parser
 from sdjax.errors import InputWarning, UserError
 from sdjax.eval.cli import add_parser as add_eval_parser
-from sdjax.plan import add_parser as add_plan_parser
 from sdjax.subjects import SPEC_FORMAT
 from sdjax.train.cli import add_parser as add_train_parser
 
@@ -46,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_data_parser(sub)
     _add_sample(sub)
     add_train_parser(sub)
-    add_plan_parser(sub)
+    _add_plan(sub)
     _add_export(sub)
     add_eval_parser(sub)
     return parser
@@ -321,6 +319,60 @@ def write_png(image, path: str, text: dict[str, str]) -> None:
     data = io.BytesIO()
     image.save(data, format="PNG", pnginfo=info)
     paths.write_bytes(path, data.getvalue())
+
+
+# ---- sdjax plan -------------------------------------------------------------------------
+
+
+def _add_plan(sub) -> None:
+    p = sub.add_parser(
+        "plan",
+        help="compile the train step (or sampler) for a TPU topology or N devices: memory, speed",
+    )
+    p.add_argument("--config", required=True, help="Python config file (configs/*.py)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
+    )
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--topology", help="a TPU topology, e.g. v5p:2x2x4 (needs sdjax[tpu])")
+    target.add_argument("--cpu-devices", type=int, help="N CPU devices (default: local devices)")
+    p.add_argument("--devices", type=int, help="use only the first N devices of the target")
+    p.add_argument("--sampler", action="store_true", help="plan the sampler, not the train step")
+    p.add_argument("--batch", type=int, default=8, help="with --sampler: images (default 8)")
+    p.add_argument("--steps", type=int, default=50, help="with --sampler: DDIM steps (default 50)")
+    p.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
+    p.set_defaults(run=_plan)
+
+
+def _plan(args) -> int:
+    from sdjax.config import load_config
+    from sdjax.plan import memory_line, plan_sampler, plan_training, summary, target_devices
+
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        raise UserError(f"output folder does not exist: {os.path.dirname(args.json)}")
+    if args.sampler and (args.batch < 1 or args.steps < 1):
+        raise UserError(f"--batch and --steps must be at least 1, got {args.batch}, {args.steps}")
+    config = load_config(args.config, args.set)
+    devices = list(target_devices(args.topology, args.cpu_devices))
+    if args.devices is not None:
+        if not 1 <= args.devices <= len(devices):
+            raise UserError(f"--devices must be in 1..{len(devices)}, got {args.devices}")
+        devices = devices[: args.devices]
+    if args.sampler:
+        report = plan_sampler(config, devices, args.batch, args.steps)
+    else:
+        report = plan_training(config, devices)
+    report = {"config": args.config, "overrides": args.set, "sampler": args.sampler, **report}
+    if args.topology:
+        report["topology"] = args.topology
+    print(summary(report))
+    if args.json:
+        from sdjax.convert.files import write_json
+
+        write_json(args.json, report)
+    if not report["fits"]:
+        raise UserError(f"does not fit: {report.get('compile_error') or memory_line(report)}")
+    return 0
 
 
 # ---- sdjax export -----------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """`sdjax plan`: will this config fit that pod slice, and how fast will it go?
 
     sdjax plan --config FILE [--set k=v]... [--topology v5p:2x2x4 | --cpu-devices N]
-               [--sampler [--batch N --steps N]] [--json OUT.json]
+               [--sampler [--batch N --steps N]] [--json OUT.json]      (sdjax/cli.py)
 
 Compiles exactly the train step `sdjax train` runs (`sdjax.train.run.plan_step`, the same
 code, from abstract state: no weights, no data) or, with `--sampler`, the sampler, for a
@@ -65,9 +65,12 @@ def target_devices(topology: str | None, cpu_devices: int | None) -> list:
         return topologies.get_topology_desc(topology_name=topology, platform="tpu").devices
     except Exception as err:  # noqa: BLE001 - libtpu missing or an unknown topology
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserError(
-            f"cannot compile for TPU {topology} ({first}); pip install sdjax[tpu]"
-        ) from None
+        hint = (
+            "another process holds libtpu: run every other JAX process with JAX_PLATFORMS=cpu"
+            if "lockfile" in first
+            else "pip install sdjax[tpu]"
+        )
+        raise UserError(f"cannot compile for TPU {topology} ({first}); {hint}") from None
 
 
 def chip(device) -> tuple[float | None, int | None]:
@@ -280,56 +283,6 @@ def sampler_inputs(model, batch: int) -> dict:
     return {k: jax.ShapeDtypeStruct((batch, *shape), t) for k, (shape, t) in shapes.items()}
 
 
-def add_parser(sub) -> None:
-    p = sub.add_parser(
-        "plan",
-        help="compile the train step (or sampler) for a TPU topology or N devices: memory, speed",
-    )
-    p.add_argument("--config", required=True, help="Python config file (configs/*.py)")
-    p.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
-    )
-    target = p.add_mutually_exclusive_group()
-    target.add_argument("--topology", help="a TPU topology, e.g. v5p:2x2x4 (needs sdjax[tpu])")
-    target.add_argument("--cpu-devices", type=int, help="N CPU devices (default: local devices)")
-    p.add_argument("--devices", type=int, help="use only the first N devices of the target")
-    p.add_argument("--sampler", action="store_true", help="plan the sampler, not the train step")
-    p.add_argument("--batch", type=int, default=8, help="with --sampler: images (default 8)")
-    p.add_argument("--steps", type=int, default=50, help="with --sampler: DDIM steps (default 50)")
-    p.add_argument("--json", metavar="OUT.json", help="also write the report as JSON")
-    p.set_defaults(run=run)
-
-
-def run(args) -> int:
-    from sdjax.config import load_config
-
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
-        raise UserError(f"output folder does not exist: {os.path.dirname(args.json)}")
-    if args.sampler and (args.batch < 1 or args.steps < 1):
-        raise UserError(f"--batch and --steps must be at least 1, got {args.batch}, {args.steps}")
-    config = load_config(args.config, args.set)
-    devices = list(target_devices(args.topology, args.cpu_devices))
-    if args.devices is not None:
-        if not 1 <= args.devices <= len(devices):
-            raise UserError(f"--devices must be in 1..{len(devices)}, got {args.devices}")
-        devices = devices[: args.devices]
-    if args.sampler:
-        report = plan_sampler(config, devices, args.batch, args.steps)
-    else:
-        report = plan_training(config, devices)
-    report = {"config": args.config, "overrides": args.set, "sampler": args.sampler, **report}
-    if args.topology:
-        report["topology"] = args.topology
-    print(summary(report))
-    if args.json:
-        from sdjax.convert.files import write_json
-
-        write_json(args.json, report)
-    if not report["fits"]:
-        raise UserError(f"does not fit: {report.get('compile_error') or _gib_line(report)}")
-    return 0
-
-
 def _gib(n) -> str:
     if n is None:
         return "-"
@@ -340,7 +293,7 @@ def _flops(n: float) -> str:
     return f"{n / 1e12:.2f} T" if n >= 1e11 else f"{n / 1e9:.3f} G"
 
 
-def _gib_line(r: dict) -> str:
+def memory_line(r: dict) -> str:
     return f"{_gib(r['hbm_per_chip_bytes'])} per chip, capacity {_gib(r['hbm_capacity_bytes'])}"
 
 

@@ -92,10 +92,6 @@ def test_model_module_cannot_be_confused_with_the_models_package():
     assert os.path.isfile(os.path.join(PACKAGE, "subject_diffusion.py"))
 
 
-# `sdjax.plan` keeps its parser until it moves into sdjax/cli.py (lead's file).
-CLI_EXCEPTIONS = {"sdjax/plan.py"}
-
-
 def test_one_command_line_style():
     """A command's front end is the `cli.py` of the package whose work it drives."""
     assert not [n for n in os.listdir(PACKAGE) if n.endswith("_cli.py")]
@@ -106,7 +102,6 @@ def test_one_command_line_style():
         for node in ast.walk(tree):
             if isinstance(node, ast.Attribute) and node.attr == "add_parser":
                 parsers.add(os.path.relpath(path, ROOT))
-    parsers -= CLI_EXCEPTIONS
     assert parsers and all(os.path.basename(p) == "cli.py" for p in parsers), sorted(parsers)
 
 
@@ -165,9 +160,6 @@ FOREIGN = {
     "xla_backend_optimization_level",
     "Personalized",  # the paper's title
 }
-# Files of other engineers' work in progress (curation, Beam), until they are settled.
-IN_PROGRESS = ("sdjax/data/curat", "sdjax/data/beam", "sdjax/data/importers/", "bench/curate")
-SPELLING_EXCEPTIONS: set[str] = set()
 
 
 def spelling_files():
@@ -177,8 +169,7 @@ def spelling_files():
                 if name.endswith((".py", ".md")):
                     path = os.path.join(folder, name)
                     relative = os.path.relpath(path, ROOT)
-                    skip = relative in SPELLING_EXCEPTIONS or relative == "tests/test_layout.py"
-                    if not skip and not relative.startswith(IN_PROGRESS):
+                    if relative != "tests/test_layout.py":
                         yield relative, path
     yield "README.md", os.path.join(ROOT, "README.md")
 
@@ -195,8 +186,6 @@ def test_one_spelling():
 
 SPEC_REFERENCE = re.compile(r"\bSPEC \d|shared/NOTES|shared/SPEC|NOTES\.md")
 DOCS_REFERENCE = re.compile(r"docs/(\w+\.md) §(\d+[a-z]?)")
-# Files others own until they update their references (the lead's list).
-REFERENCE_EXCEPTIONS = {"configs/toy.py"}
 
 
 def reference_files():
@@ -206,7 +195,7 @@ def reference_files():
                 if name.endswith((".py", ".md", ".sh", ".sbatch")):
                     path = os.path.join(folder, name)
                     yield os.path.relpath(path, ROOT), path
-    for name in ("README.md", "pyproject.toml", "Makefile"):
+    for name in ("README.md", "BENCHMARKS.md", "pyproject.toml", "Makefile"):
         yield name, os.path.join(ROOT, name)
 
 
@@ -223,8 +212,7 @@ def test_references_point_into_the_repository():
             continue
         with open(path, encoding="utf-8") as f:
             text = f.read()
-        skip = relative in REFERENCE_EXCEPTIONS or relative.startswith(IN_PROGRESS)
-        if not skip and SPEC_REFERENCE.search(text):
+        if SPEC_REFERENCE.search(text):
             stale.append(relative)
         for doc, section in DOCS_REFERENCE.findall(text):
             if not os.path.isfile(os.path.join(ROOT, "docs", doc)) or section not in headings(doc):

@@ -1,4 +1,4 @@
-"""Importer for the authors' webdataset tars (SPEC 5's storage format).
+"""Importer for the authors' webdataset tars (the storage format of docs/method.md §5).
 
 Per sample, members named `KEY.EXT` (KEY = the path up to the first dot of the file name,
 as webdataset groups them; a sample's members are consecutive in the tar):
