@@ -15,6 +15,8 @@ at peak FLOP rate or peak memory bandwidth, whichever binds) plus the Pallas att
 kernels, which XLA's cost model does not see: their FLOPs are counted from the traced
 program (`kernel_flops`) and timed at the chip's peak. Both are lower bounds on time, so
 the projected MFU is an upper bound; FLOPs include rematerialisation (hardware FLOPs).
+XLA's cost analysis counts a loop's body once; `xla_cost` counts it once per trip (the
+sampler's denoising loop: its body compiled on its own).
 Exit status 2 with one line when the step does not fit.
 """
 
@@ -115,19 +117,73 @@ def kernel_flops(jaxpr) -> float:
     return total
 
 
-def _eqns(jaxpr, trips):
-    """Every equation of a jaxpr and its sub-jaxprs, with how often it runs."""
+def _subjaxprs(eqn):
     from jax.extend.core import ClosedJaxpr, Jaxpr
 
+    for value in eqn.params.values():
+        for sub in value if isinstance(value, list | tuple) else (value,):
+            if isinstance(sub, ClosedJaxpr):
+                yield sub.jaxpr
+            elif isinstance(sub, Jaxpr):
+                yield sub
+
+
+def _loops(jaxpr):
+    """The outermost loops of a program, however deep in calls: (body ClosedJaxpr, trips).
+    A Pallas kernel's insides are its own."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "scan":
+            yield eqn.params["jaxpr"], eqn.params["length"]
+        elif eqn.primitive.name != "pallas_call":
+            for sub in _subjaxprs(eqn):
+                yield from _loops(sub)
+
+
+def _counted_once(compiled, trips: int) -> int:
+    """How often XLA's cost analysis counts a loop of `trips` trips: once per trip of the
+    while loop it became (its known trip count, `trips` over any unrolling), or every
+    trip when it was unrolled whole (no such while loop)."""
+    known = {int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', compiled.as_text())}
+    kept = [n for n in known if n > 1 and trips % n == 0]
+    return trips // max(kept) if kept else trips
+
+
+def xla_cost(compiled, jaxpr, device, log=print) -> tuple[dict, list]:
+    """XLA's cost analysis of `compiled` (traced as `jaxpr`) -> ({flops, optimal_seconds,
+    bytes}, loops), each loop body counted once per trip: a body XLA counted fewer times
+    is compiled alone on `device` and its cost added (loops: [{trips, flops_per_trip}])."""
+    import jax
+    from jax.extend.core import jaxpr_as_fun
+
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    keys = {"flops": "flops", "optimal_seconds": "optimal_seconds", "bytes": "bytes accessed"}
+    total = {k: float(cost.get(name, 0.0)) for k, name in keys.items()}
+    loops = []
+    for body, trips in _loops(jaxpr):
+        missing = trips - _counted_once(compiled, trips)
+        if missing <= 0:
+            continue
+        where = jax.sharding.SingleDeviceSharding(device)
+        args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=where) for a in body.in_avals]
+        start = time.perf_counter()
+        traced = jax.jit(jaxpr_as_fun(body)).trace(*args)
+        inner = traced.lower().compile()
+        log(f"loop body ({trips} trips) compiled in {time.perf_counter() - start:.1f} s")
+        per_trip, _ = xla_cost(inner, traced.jaxpr.jaxpr, device, log)
+        for k in total:
+            total[k] += missing * per_trip[k]
+        loops.append({"trips": trips, "flops_per_trip": per_trip["flops"]})
+    return total, loops
+
+
+def _eqns(jaxpr, trips):
+    """Every equation of a jaxpr and its sub-jaxprs, with how often it runs."""
     for eqn in jaxpr.eqns:
         yield eqn, trips
         inner = trips * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
-        for value in eqn.params.values():
-            for sub in value if isinstance(value, list | tuple) else (value,):
-                if isinstance(sub, ClosedJaxpr):
-                    yield from _eqns(sub.jaxpr, inner)
-                elif isinstance(sub, Jaxpr):
-                    yield from _eqns(sub, inner)
+        for sub in _subjaxprs(eqn):
+            yield from _eqns(sub, inner)
 
 
 def analyse(lowered, jitted_trace, examples: int, devices: list, log=print) -> dict:
@@ -144,15 +200,14 @@ def analyse(lowered, jitted_trace, examples: int, devices: list, log=print) -> d
     seconds = time.perf_counter() - start
     log(f"compiled in {seconds:.1f} s")
     memory = compiled.memory_analysis()
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, list) else cost
+    cost, loops = xla_cost(compiled, jitted_trace.jaxpr.jaxpr, devices[0], log)
     peak, capacity = chip(devices[0])
     arguments = int(memory.argument_size_in_bytes)
     temps = int(memory.temp_size_in_bytes)
     outputs = int(memory.output_size_in_bytes - memory.alias_size_in_bytes)
     total = arguments + temps + outputs + int(memory.generated_code_size_in_bytes)
     kernels = kernel_flops(jitted_trace.jaxpr.jaxpr)
-    flops = float(cost.get("flops", 0.0)) + kernels
+    flops = cost["flops"] + kernels
     hlo = compiled.as_text()
     report = {
         "fits": capacity is None or total <= capacity,
@@ -170,11 +225,12 @@ def analyse(lowered, jitted_trace, examples: int, devices: list, log=print) -> d
         "kernel_flops_per_chip": kernels,
         "examples_per_step": examples,
         "flops_per_example": flops * len(devices) / examples,
-        "bytes_accessed_per_chip": float(cost.get("bytes accessed", 0.0)),
+        "bytes_accessed_per_chip": cost["bytes"],
+        "loops": loops,
         "collectives": {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in _COLLECTIVES},
     }
     if devices[0].platform == "tpu" and peak:
-        xla_seconds = float(cost.get("optimal_seconds", 0.0))
+        xla_seconds = cost["optimal_seconds"]
         step = xla_seconds + kernels / peak
         report.update(
             optimal_seconds=step,

@@ -94,3 +94,18 @@ def test_bad_input_is_one_line(argv, message, capsys):
 def test_topology_and_cpu_devices_exclude_each_other():
     with pytest.raises(UserError, match="not both"):
         target_devices("v5p:2x2x1", 2)
+
+
+def test_the_sampler_counts_every_denoising_step(tmp_path):
+    """XLA's cost analysis counts a loop's body once; the plan counts it once per step."""
+    reports = {}
+    for steps in (1, 3):
+        out = tmp_path / f"steps{steps}.json"
+        argv = ["plan", "--config", TINY, "--sampler", "--devices", "1", "--batch", "2"]
+        assert main([*argv, "--steps", str(steps), "--json", str(out)]) == 0
+        reports[steps] = json.loads(out.read_text())
+    assert reports[1]["loops"] == []  # one trip: no loop left to undercount
+    (loop,) = reports[3]["loops"]
+    assert loop["trips"] == 3 and loop["flops_per_trip"] > 0
+    grown = reports[3]["flops_per_step"] - reports[1]["flops_per_step"]
+    assert grown == pytest.approx(2 * loop["flops_per_trip"], rel=0.05)
