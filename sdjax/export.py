@@ -28,7 +28,7 @@ import tempfile
 
 from sdjax import paths
 from sdjax.convert.clip import image_encoder_to_transformers, text_encoder_to_transformers
-from sdjax.convert.files import write_json, write_safetensors
+from sdjax.convert.files import file_mode_mask, write_json, write_safetensors
 from sdjax.convert.keys import KeyTable, flax_to_torch
 from sdjax.convert.unet import unet_to_diffusers
 from sdjax.convert.vae import vae_to_diffusers
@@ -132,13 +132,7 @@ def _staged(out: str):
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(os.path.abspath(out))}.", dir=parent)
     try:
         yield staging
-        os.chmod(staging, 0o777 & ~_umask())
+        os.chmod(staging, 0o777 & ~file_mode_mask())
         os.replace(staging, out)  # an empty `out` is replaced as well
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

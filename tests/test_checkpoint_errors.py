@@ -11,7 +11,13 @@ import jax
 import numpy as np
 import pytest
 
-from sdjax.convert.files import CheckpointError, read_safetensors, write_json, write_safetensors
+from sdjax.convert.files import (
+    CheckpointError,
+    file_mode_mask,
+    read_safetensors,
+    write_json,
+    write_safetensors,
+)
 from sdjax.convert.keys import flax_to_torch
 from sdjax.convert.vae import CONFIG, VAE_KEYS, WEIGHTS, abstract_vae_params, vae_from_diffusers
 from sdjax.errors import UserError
@@ -138,3 +144,9 @@ def test_missing_shard(folder):
 def test_not_a_folder(folder, where):
     path = os.path.join(folder, WEIGHTS) if where == "file" else os.path.join(folder, "nowhere")
     _load_error(path, path)
+
+
+def test_written_weights_are_readable_by_others_as_the_umask_says(tmp_path):
+    path = str(tmp_path / "w.safetensors")
+    write_safetensors(path, {"a": np.zeros(3, np.float32)})  # safetensors itself makes 0600
+    assert os.stat(path).st_mode & 0o777 == 0o666 & ~file_mode_mask()

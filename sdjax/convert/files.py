@@ -102,7 +102,15 @@ def write_safetensors(path: str, tensors: Mapping[str, np.ndarray], metadata=Non
     tmp = path + ".tmp"
     arrays = {k: np.asarray(v, order="C") for k, v in tensors.items()}
     save_file(arrays, tmp, metadata={"format": "pt", **(metadata or {})})
+    os.chmod(tmp, 0o666 & ~file_mode_mask())  # safetensors writes 0600: others could not read
     os.replace(tmp, path)
+
+
+def file_mode_mask() -> int:
+    """The process's umask (read without changing it for good)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def read_json(path: str) -> dict:
