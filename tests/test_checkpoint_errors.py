@@ -150,3 +150,23 @@ def test_written_weights_are_readable_by_others_as_the_umask_says(tmp_path):
     path = str(tmp_path / "w.safetensors")
     write_safetensors(path, {"a": np.zeros(3, np.float32)})  # safetensors itself makes 0600
     assert os.stat(path).st_mode & 0o777 == 0o666 & ~file_mode_mask()
+
+
+def test_a_training_checkpoint_with_non_finite_weights_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from sdjax.checkpoint import manager, restore_params, save
+
+    state = SimpleNamespace(
+        step=np.int32(3),
+        trainable={"unet/w": np.array([1.0, np.nan], np.float32)},  # flat, as training keeps
+        frozen={"vae/f": np.ones(2, np.float32)},
+        opt_state={"m": np.zeros(2, np.float32)},
+        rng=np.zeros(2, np.uint32),
+        ema=None,
+    )
+    mngr = manager(str(tmp_path))
+    save(mngr, state, {}, {"config": {}})
+    mngr.wait_until_finished()
+    with pytest.raises(CheckpointError, match="1 non-finite values"):
+        restore_params(str(tmp_path))
