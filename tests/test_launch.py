@@ -289,6 +289,8 @@ def test_local_ctrl_c_in_a_terminal_lets_the_processes_save(tmp_path):
     script = 'trap "echo saving; sleep 1; echo saved; exit 75" TERM; echo up; sleep 300 & wait'
     pid, fd = pty.fork()
     if pid == 0:  # the child: the launcher, as from a shell prompt
+        # (where Ctrl-C is not ignored, as it is for a test run started in the background)
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(LOCAL, [LOCAL, "-n", "2", "--", "bash", "-c", script])
     output = b""
     deadline = time.time() + 60
