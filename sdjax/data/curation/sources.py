@@ -23,19 +23,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from sdjax import paths
 from sdjax.data.curation.stages import Raw
+from sdjax.data.importers.webdataset import tar_samples
 from sdjax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TAR_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 _TAR_IMAGES = ("jpg", "jpeg", "png", "webp")
-_MEMBER = re.compile(r"^((?:.*/)?[^./][^./]*)\.([^/]+)$")  # webdataset (key, extension)
 
 
 @dataclass(frozen=True)
@@ -168,7 +166,7 @@ def read_unit(unit: Unit, chunk_size: int, skip: frozenset = frozenset()) -> Ite
             yield Raw(block, position, source_id, _file_bytes(file))
         return
     name = os.path.basename(unit.tar)
-    for index, (key, members) in enumerate(_tar_samples(unit.tar)):
+    for index, (key, members) in enumerate(tar_samples(unit.tar)):
         block = (unit.number, index // chunk_size)
         if block in skip:
             continue
@@ -184,26 +182,3 @@ def _file_bytes(file: str | bytes) -> bytes | None:
         return paths.read_bytes(file)
     except OSError:
         return None
-
-
-def _tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a webdataset tar, streamed in tar order."""
-    key, members = None, {}
-    try:
-        with (
-            paths.resolve(path).open("rb") as stream,
-            tarfile.open(fileobj=stream, mode="r|*") as tar,
-        ):
-            for member in tar:
-                match = _MEMBER.match(member.name)
-                if not (member.isfile() and match):
-                    continue
-                if match[1] != key and members:
-                    yield key, members
-                    members = {}
-                key = match[1]
-                members[match[2].lower()] = tar.extractfile(member).read()
-    except (OSError, tarfile.TarError, EOFError) as err:
-        raise UserError(f"cannot read tar {path}: {err}") from None
-    if members:
-        yield key, members

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 from PIL import Image
 
+from sdjax import paths
 from sdjax.data.filters import AUTHORS_FILTERS, FilterConfig, FilterReport, dominant_instance_mask
 from sdjax.data.importers.common import Sample, import_records
 from sdjax.data.records import Record, Subject, encode_mask
@@ -39,10 +40,14 @@ log = logging.getLogger(__name__)
 
 
 def tar_samples(path: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a webdataset tar, in tar order."""
+    """(key, {extension: bytes}) per sample of a webdataset tar (local or gs://), streamed
+    in tar order."""
     key, members = None, {}
     try:
-        with tarfile.open(path, "r|*") as tar:
+        with (
+            paths.resolve(path).open("rb") as stream,
+            tarfile.open(fileobj=stream, mode="r|*") as tar,
+        ):
             for member in tar:
                 match = _MEMBER.match(member.name)
                 if not (member.isfile() and match):
