@@ -139,11 +139,10 @@ def _loops(jaxpr):
                 yield from _loops(sub)
 
 
-def _counted_once(compiled, trips: int) -> int:
-    """How often XLA's cost analysis counts a loop of `trips` trips: once per trip of the
-    while loop it became (its known trip count, `trips` over any unrolling), or every
-    trip when it was unrolled whole (no such while loop)."""
-    known = {int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', compiled.as_text())}
+def _counted(known: set[int], trips: int) -> int:
+    """How often XLA's cost analysis counts a loop of `trips` trips, given the known trip
+    counts of the compiled program's while loops: once per trip of the while loop it
+    became (`trips` over any unrolling), or every trip when it was unrolled whole."""
     kept = [n for n in known if n > 1 and trips % n == 0]
     return trips // max(kept) if kept else trips
 
@@ -159,9 +158,11 @@ def xla_cost(compiled, jaxpr, device, log=print) -> tuple[dict, list]:
     cost = cost[0] if isinstance(cost, list) else cost
     keys = {"flops": "flops", "optimal_seconds": "optimal_seconds", "bytes": "bytes accessed"}
     total = {k: float(cost.get(name, 0.0)) for k, name in keys.items()}
-    loops = []
-    for body, trips in _loops(jaxpr):
-        missing = trips - _counted_once(compiled, trips)
+    loops, bodies = [], list(_loops(jaxpr))
+    hlo = compiled.as_text() if bodies else ""
+    known = {int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', hlo)}
+    for body, trips in bodies:
+        missing = trips - _counted(known, trips)
         if missing <= 0:
             continue
         where = jax.sharding.SingleDeviceSharding(device)
