@@ -4,7 +4,7 @@ Contract: bad input exits with status 2 and one line `error: ...` on stderr, and
 partial file; input a run goes on with but will not read as written (a word the model does
 not know) is one line `warning: ...`. A command's front end (its parser and `run`) is the
 `cli.py` of the package whose work it drives: this file for the top-level commands (demo,
-sample, plan, export), `sdjax.data.cli`, `sdjax.train.cli`, `sdjax.eval.cli`. None
+sample, plan, export, app), `sdjax.data.cli`, `sdjax.train.cli`, `sdjax.eval.cli`. None
 imports JAX at module level, so `sdjax --help` and every command's `--help` answer at once.
 """
 
@@ -24,7 +24,7 @@ from sdjax.subjects import SPEC_FORMAT
 from sdjax.train.cli import add_parser as add_train_parser
 
 # Commands that sample: on CPU they split each batch over one device per core.
-SAMPLING_COMMANDS = ("sample", "demo", "eval")
+SAMPLING_COMMANDS = ("sample", "demo", "eval", "app")
 EMBEDDED_MODEL = os.path.join(os.path.dirname(__file__), "assets", "default_model", "model.json")
 
 
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_plan(sub)
     _add_export(sub)
     add_eval_parser(sub)
+    _add_app(sub)
     return parser
 
 
@@ -266,59 +267,21 @@ def _sample(args) -> int:
         subject_fraction=args.subject_fraction,
         strict=args.strict,
     )
-    described = [
-        {
-            "image": str(s.image),
-            "label": s.label,
-            "mask": None if s.mask is None else str(s.mask),
-            "box": list(s.box) if s.box else None,
-        }
-        for s in subjects
-    ]
-    settings = {
-        "prompt": args.prompt,
-        "subjects": json.dumps(described),
-        "seed": str(args.seed),
-        "steps": str(args.steps),
-        "text_scale": str(text_scale),
-        "image_scale": str(image_scale),
-        "subject_fraction": str(args.subject_fraction),
-        "checkpoint": args.checkpoint or "embedded default",
-    }
+    from sdjax.outputs import grid, settings_text, write_png
+
+    settings = settings_text(
+        args.prompt,
+        subjects,
+        seed=args.seed,
+        steps=args.steps,
+        text_scale=text_scale,
+        image_scale=image_scale,
+        subject_fraction=args.subject_fraction,
+        checkpoint=args.checkpoint or "embedded default",
+    )
     write_png(grid(images), args.out, settings)
     print(f"wrote {args.out} ({len(images)} image{'s' * (len(images) > 1)}, seed {args.seed})")
     return 0
-
-
-def grid(images: list):
-    """Images side by side in rows of up to 4 (one image is returned as is)."""
-    from PIL import Image
-
-    if len(images) == 1:
-        return images[0]
-    w, h = images[0].size
-    cols = min(4, len(images))
-    rows = -(-len(images) // cols)
-    sheet = Image.new("RGB", (cols * w, rows * h), "white")
-    for i, im in enumerate(images):
-        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
-    return sheet
-
-
-def write_png(image, path: str, text: dict[str, str]) -> None:
-    """Save with PNG text chunks, atomically (`sdjax.paths`: no partial file on failure)."""
-    import io
-
-    from PIL.PngImagePlugin import PngInfo
-
-    from sdjax import paths
-
-    info = PngInfo()
-    for key, value in text.items():
-        info.add_text(key, value)
-    data = io.BytesIO()
-    image.save(data, format="PNG", pnginfo=info)
-    paths.write_bytes(path, data.getvalue())
 
 
 # ---- sdjax plan -------------------------------------------------------------------------
@@ -407,4 +370,55 @@ def _export(args) -> int:
 
     export(args.checkpoint, args.out, args.format, use_ema=False if args.raw_weights else None)
     print(f"exported {args.checkpoint} to {args.out}")
+    return 0
+
+
+# ---- sdjax app --------------------------------------------------------------------------
+
+
+def _add_app(sub) -> None:
+    p = sub.add_parser(
+        "app",
+        help="personalise in the browser: a local web page where boxes are drawn (needs [app])",
+        description=(
+            "A local web page on a model: upload each subject's photo, brush or upload its\n"
+            "mask, type its label, draw its box on the output frame, generate. The same\n"
+            "function is an API for gradio_client (api_name 'generate'). Only this machine\n"
+            "can reach it unless --host says otherwise. Needs pip install 'sdjax[app]'."
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        metavar="DIR",
+        help="pipeline folder or training workdir (default: the embedded model)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: local only)"
+    )
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument(
+        "--max-upload-mb", type=float, default=10.0, help="largest upload accepted (default 10)"
+    )
+    p.set_defaults(run=_app)
+
+
+def _app(args) -> int:
+    import importlib.util
+    import tempfile
+
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("sdjax app needs Gradio: pip install 'sdjax[app]'")
+    if not 0 < args.port < 65536:
+        raise UserError(f"--port must be in 1..65535, got {args.port}")
+    if not args.max_upload_mb > 0:
+        raise UserError(f"--max-upload-mb must be positive, got {args.max_upload_mb}")
+    from sdjax.app import load_model, serve
+
+    model = load_model(args.checkpoint)
+    print(f"compiling the sampler for {model.name} ...", flush=True)
+    seconds = model.warm_up()
+    print(f"compiled in {seconds:.0f} s", flush=True)
+    out_dir = tempfile.mkdtemp(prefix="sdjax-app-")
+    serve(model, args.host, args.port, args.max_upload_mb, out_dir)
     return 0

@@ -18,7 +18,7 @@ import functools
 import math
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import partial
 
 import jax
@@ -347,11 +347,13 @@ def sample(
     subject_fraction: float = 1.0,
     batch_size: int = 8,
     strict: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[Image.Image]:
     """Generate `num_images` images of `subjects` in the scene `prompt` (see module doc).
     Guidance scales left as None are the model's (`ModelConfig.text_scale`, `.image_scale`).
     Words the model does not know and a prompt cut to fit are an `InputWarning` each, or
-    with `strict` a `UserError`."""
+    with `strict` a `UserError`. Images are drawn `batch_size` at a time (one compiled call
+    each); `progress(done, num_images)` is called after each."""
     check_settings(num_steps, text_scale, image_scale, num_images, subject_fraction)
     check_steps(pipeline.config, num_steps)
     text_scale, image_scale = guidance_scales(pipeline.config, text_scale, image_scale)
@@ -378,4 +380,6 @@ def sample(
             jnp.int32(subject_steps),
         )
         images.extend(Image.fromarray(a) for a in np.asarray(out))
+        if progress is not None:
+            progress(len(images), num_images)
     return images

@@ -1,0 +1,78 @@
+"""What sampling hands back to people: images side by side, and PNG files that carry the
+settings that drew them (`sdjax sample` and `sdjax app` write the same text chunks)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Sequence
+
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from sdjax import paths
+from sdjax.subjects import Subject
+
+
+def grid(images: list[Image.Image]) -> Image.Image:
+    """Images side by side in rows of up to 4 (one image is returned as is)."""
+    if len(images) == 1:
+        return images[0]
+    w, h = images[0].size
+    cols = min(4, len(images))
+    rows = -(-len(images) // cols)
+    sheet = Image.new("RGB", (cols * w, rows * h), "white")
+    for i, im in enumerate(images):
+        sheet.paste(im, ((i % cols) * w, (i // cols) * h))
+    return sheet
+
+
+def settings_text(
+    prompt: str,
+    subjects: Sequence[Subject],
+    *,
+    seed: int,
+    steps: int,
+    text_scale: float,
+    image_scale: float,
+    subject_fraction: float,
+    checkpoint: str,
+) -> dict[str, str]:
+    """A sampling call's settings as PNG text: subjects as JSON (image, label, mask, box in
+    [0, 1] of the output image; an image or mask given as pixels is named "uploaded")."""
+
+    def named(source) -> str | None:
+        if source is None:
+            return None
+        return str(source) if isinstance(source, str | os.PathLike) else "uploaded"
+
+    described = [
+        {
+            "image": named(s.image),
+            "label": s.label,
+            "mask": named(s.mask),
+            "box": list(s.box) if s.box else None,
+        }
+        for s in subjects
+    ]
+    return {
+        "prompt": prompt,
+        "subjects": json.dumps(described),
+        "seed": str(seed),
+        "steps": str(steps),
+        "text_scale": str(text_scale),
+        "image_scale": str(image_scale),
+        "subject_fraction": str(subject_fraction),
+        "checkpoint": checkpoint,
+    }
+
+
+def write_png(image: Image.Image, path: str, text: dict[str, str]) -> None:
+    """Save with PNG text chunks, atomically (`sdjax.paths`: no partial file on failure)."""
+    info = PngInfo()
+    for key, value in text.items():
+        info.add_text(key, value)
+    data = io.BytesIO()
+    image.save(data, format="PNG", pnginfo=info)
+    paths.write_bytes(path, data.getvalue())
