@@ -31,6 +31,7 @@ FIELDS = 5  # page fields per subject (`subjects_of`)
 CANVAS_PX = 320  # the output frame's size on the page
 SHOWN_PX = 256  # results are shown at least this large (nearest-neighbour)
 COLOURS = ("#e6194b", "#3cb44b", "#4363d8")
+BRUSH = ("#ff00ff", 0.5)  # strokes over the photo; any stroke pixel is the mask
 DEFAULT_STEPS = 50  # as `sdjax sample`
 MAX_IMAGES = 8
 
@@ -104,21 +105,25 @@ element.addEventListener('pointerup', (e) => {
 """
 
 
-class Picture(gr.Image):
-    """`gr.Image` whose upload that is not a picture is one sentence in the page, not
-    Gradio's processing error (drawn by the frontend's image component)."""
+def picture(**kwargs) -> gr.Image:
+    """A `gr.Image` whose upload that is not a picture is one sentence in the page rather
+    than Gradio's processing error. (Its preprocessing is wrapped on the instance: a
+    subclass would make Gradio write a .pyi stub beside this module.)"""
+    component = gr.Image(**kwargs)
+    decode = component.preprocess
 
-    is_template = True
-
-    def preprocess(self, payload):
+    def preprocess(payload):
         try:
-            return super().preprocess(payload)
+            return decode(payload)
         except (OSError, ValueError, Image.DecompressionBombError) as err:
             name = getattr(payload, "orig_name", None) or "the upload"
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             reason = reason.replace(str(getattr(payload, "path", "")), name)
-            message = f"{self.label}: {name} is not a picture ({reason})"
+            message = f"{component.label}: {name} is not a picture ({reason})"
             raise gr.Error(message, print_exception=False) from None
+
+    component.preprocess = preprocess
+    return component
 
 
 def canvas_value(boxes: list, active: int = 0) -> str:
@@ -343,7 +348,7 @@ def build(model: Model, out_dir: str):
             for k in range(slots):
                 with gr.Column(min_width=220):
                     gr.Markdown(f"**Subject {k + 1}**")
-                    photo = Picture(
+                    photo = picture(
                         label=f"subject {k + 1} photo",
                         type="numpy",
                         image_mode="RGBA",
@@ -351,20 +356,20 @@ def build(model: Model, out_dir: str):
                         elem_id=f"photo{k + 1}",
                         height=200,
                     )
-                    with gr.Accordion(f"subject {k + 1} mask (optional)", open=False):
+                    with gr.Accordion(f"subject {k + 1} mask (optional)", open=False) as masks:
                         brush = gr.ImageEditor(
                             label="brush over the subject",
                             type="numpy",
                             image_mode="RGBA",
                             sources=[],
-                            brush=gr.Brush(colors=["#ffffff"], color_mode="fixed"),
+                            brush=gr.Brush(colors=[BRUSH], color_mode="fixed"),
                             transforms=(),
                             layers=False,
                             format="png",
                             elem_id=f"brush{k + 1}",
                             height=220,
                         )
-                        mask = Picture(
+                        mask = picture(
                             label="or upload a mask picture (white = subject)",
                             type="numpy",
                             image_mode="RGBA",
@@ -378,7 +383,9 @@ def build(model: Model, out_dir: str):
                         placeholder="draw it on the frame, or leave empty",
                         elem_id=f"box{k + 1}",
                     )
+                    # the photo to brush over, shown again when the mask panel opens
                     photo.change(lambda im: im, photo, brush)
+                    masks.expand(lambda im: im, photo, brush)
                     fields += [photo, brush, mask, label, box]
         with gr.Row():
             with gr.Column():

@@ -40,12 +40,12 @@ def settings_text(
     checkpoint: str,
 ) -> dict[str, str]:
     """A sampling call's settings as PNG text: subjects as JSON (image, label, mask, box in
-    [0, 1] of the output image; an image or mask given as pixels is named "uploaded")."""
+    [0, 1] of the output image; an image or mask given as pixels is named "(pixels)")."""
 
     def named(source) -> str | None:
         if source is None:
             return None
-        return str(source) if isinstance(source, str | os.PathLike) else "uploaded"
+        return str(source) if isinstance(source, str | os.PathLike) else "(pixels)"
 
     described = [
         {

@@ -141,6 +141,31 @@ def test_two_subjects_dragged_boxes_reach_the_sampler(app, browser, pictures):
     page.close()
 
 
+def test_a_mask_brushed_over_the_photo_reaches_the_sampler(app, browser, pictures):
+    page = browser.new_page(viewport={"width": 1400, "height": 1300})
+    page.goto(app)
+    page.wait_for_selector("#frame .sdjax-frame")
+    page.set_input_files("#photo1 input[type=file]", pictures[0])
+    page.fill("#label1 textarea", "star")
+    page.get_by_text("subject 1 mask (optional)").click()
+    page.locator("#brush1 button[aria-label=Brush]").click()
+    canvas = page.locator("#brush1 canvas").last.bounding_box()
+    x, y = canvas["x"] + canvas["width"] / 2, canvas["y"] + canvas["height"] / 2
+    page.mouse.move(x - 10, y)
+    page.mouse.down()
+    page.mouse.move(x + 10, y, steps=5)
+    page.mouse.up()
+    page.fill("#prompt textarea", "a star")
+    page.fill("#steps input", str(STEPS))
+    page.click("#generate")
+    link = page.locator("#download a").first
+    link.wait_for(timeout=120_000)
+    with urllib.request.urlopen(link.get_attribute("href")) as response:
+        _, settings = png_settings(response.read())
+    assert json.loads(settings["subjects"])[0]["mask"] == "(pixels)"
+    page.close()
+
+
 def test_bad_input_is_one_sentence_in_the_page(app, browser, pictures):
     page = browser.new_page()
     page.goto(app)
