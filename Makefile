@@ -26,7 +26,7 @@ demo: .install-stamp
 	$(BIN)/sdjax demo --out out/demo
 
 test: .install-stamp-test
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-slow: .install-stamp-test
 	$(BIN)/python -m pytest -q -m slow

@@ -54,3 +54,21 @@ def shared_data():
     if not os.path.isdir(root):
         pytest.skip(f"shared data not found at {root}")
     return os.path.abspath(root)
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    """The tiny test model (tests/tiny.py), shared by every module: do not modify it."""
+    from tiny import tiny_pipeline
+
+    return tiny_pipeline()
+
+
+@pytest.fixture(scope="session")
+def folder(pipe, tmp_path_factory):
+    """`pipe` saved as a pipeline folder."""
+    from sdjax.pipeline import save_pipeline
+
+    path = str(tmp_path_factory.mktemp("tiny_pipeline"))
+    save_pipeline(pipe, path)
+    return path

@@ -6,7 +6,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tiny import tiny_pipeline
 
 from sdjax.errors import UserError
 from sdjax.export import export_pipeline
@@ -15,11 +14,6 @@ from sdjax.subject_diffusion import encode_prompt, ground, subject_location
 BOXES = jnp.array([[[0.1, 0.2, 0.5, 0.6], [0.5, 0.5, 0.9, 0.9]]])
 OTHER_BOXES = jnp.array([[[0.0, 0.0, 0.3, 0.3], [0.6, 0.1, 0.9, 0.4]]])
 VALID = jnp.array([[True, True]])
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
 
 
 def with_switch(pipe, **switch):

@@ -20,7 +20,6 @@ import urllib.request
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import tiny_pipeline
 
 from sdjax.app import (
     CANVAS_PX,
@@ -35,7 +34,6 @@ from sdjax.app import (
     subjects_of,
 )
 from sdjax.errors import UserError
-from sdjax.pipeline import save_pipeline
 
 STEPS = 2
 RESOLUTION = 16  # the tiny model's
@@ -66,9 +64,9 @@ def pictures(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def app(tmp_path_factory):
+def app(pipe, tmp_path_factory):
     """The page on the tiny model, compiled for STEPS, listening on loopback -> its URL."""
-    model = Model(tiny_pipeline(), "tiny test model", batch=1)
+    model = Model(pipe, "tiny test model", batch=1)
     model.warm_up(steps=STEPS)
     out = str(tmp_path_factory.mktemp("app_out"))
     page, url = serve(model, "127.0.0.1", free_port(), 10, out, block=False)
@@ -220,9 +218,7 @@ def test_the_same_function_through_gradio_client(app, pictures, tmp_path):
         )  # fmt: skip
 
 
-def test_the_command_starts_from_a_pipeline_folder(tmp_path):
-    folder = str(tmp_path / "pipeline")
-    save_pipeline(tiny_pipeline(), folder)
+def test_the_command_starts_from_a_pipeline_folder(folder):
     port = free_port()
     command = [sys.executable, "-m", "sdjax", "app", "--checkpoint", folder, "--port", str(port)]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

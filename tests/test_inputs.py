@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 from PIL import Image
 from safetensors.numpy import load_file, save_file
-from tiny import tiny_pipeline
 
 import sdjax
 from sdjax.cli import main
@@ -25,18 +24,6 @@ from sdjax.train.tasks.records import prepare_data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = "2"
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
-
-
-@pytest.fixture(scope="module")
-def folder(pipe, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_pipeline"))
-    save_pipeline(pipe, path)
-    return path
 
 
 @pytest.fixture(scope="module")

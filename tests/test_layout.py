@@ -123,7 +123,8 @@ for command in commands(build_parser()):
     except SystemExit as exit:
         assert exit.code == 0, command
     shown.append(" ".join(command))
-heavy = [m for m in ("jax", "flax", "orbax", "optax", "torch", "grain", "gradio") if m in sys.modules]
+HEAVY = ("jax", "flax", "orbax", "optax", "torch", "grain", "gradio")
+heavy = [m for m in HEAVY if m in sys.modules]
 print(len(shown), heavy, file=sys.stderr)
 """
 

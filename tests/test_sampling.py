@@ -9,28 +9,15 @@ import jax
 import numpy as np
 import pytest
 from PIL import Image
-from tiny import tiny_pipeline
 
 import sdjax
 import sdjax.sampling as sampling
 from sdjax.cli import main
 from sdjax.errors import UserError
-from sdjax.pipeline import load_pipeline, save_pipeline
+from sdjax.pipeline import load_pipeline
 from sdjax.sampling import generate
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module")
-def pipe():
-    return tiny_pipeline()
-
-
-@pytest.fixture(scope="module")
-def folder(pipe, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("tiny_pipeline"))
-    save_pipeline(pipe, path)
-    return path
 
 
 def red_square(h=20, w=30):

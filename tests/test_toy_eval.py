@@ -60,7 +60,8 @@ def toy_pipeline():
 
 
 @pytest.fixture(scope="module")
-def pipe():
+def toy_pipe():
+    """A toy-size model (configs/toy.py sizes) with random weights."""
     return toy_pipeline()
 
 
@@ -201,10 +202,10 @@ def test_segmentation_boxes_and_background():
     assert chance_iou((0.1, 0.4, 0.4, 0.7), grid=201) == pytest.approx(sampled, abs=0.005)
 
 
-def test_evaluate_toy_end_to_end(pipe, classifier, tmp_path):
+def test_evaluate_toy_end_to_end(toy_pipe, classifier, tmp_path):
     sheet = str(tmp_path / "sheet.png")
     report = evaluate_toy(
-        pipe, n_cases=4, seed=1, steps=2, classifier=classifier, batch_size=4, sheet=sheet
+        toy_pipe, n_cases=4, seed=1, steps=2, classifier=classifier, batch_size=4, sheet=sheet
     )
     metrics = report["metrics"]
     assert set(metrics) == {"model", "text_only", "target", "chance"}
@@ -263,17 +264,17 @@ def eval_toy_args(*argv):
         ["--train-classifier", "{tmp}/clf", "--classifier-steps", "0"],
     ],
 )
-def test_cli_rejects_bad_input(argv, pipe, tmp_path):
+def test_cli_rejects_bad_input(argv, toy_pipe, tmp_path):
     folder = str(tmp_path / "pipe")
-    save_pipeline(pipe, folder)
+    save_pipeline(toy_pipe, folder)
     args = eval_toy_args("--checkpoint", folder, *(a.format(tmp=tmp_path) for a in argv))
     with pytest.raises(UserError):
         args.run(args)
 
 
-def test_cli_writes_table_json_and_sheet(pipe, tmp_path, capsys):
+def test_cli_writes_table_json_and_sheet(toy_pipe, tmp_path, capsys):
     folder, out, sheet = (str(tmp_path / n) for n in ("pipe", "r.json", "s.png"))
-    save_pipeline(pipe, folder)
+    save_pipeline(toy_pipe, folder)
     args = eval_toy_args(
         "--checkpoint", folder, "--cases", "4", "--seed", "1", "--steps", "2",
         "--batch-size", "4", "--out", out, "--sheet", sheet,
@@ -295,11 +296,11 @@ def test_sdjax_eval_toy_exit_status(tmp_path, capsys):
     assert err.startswith("error:") and "\n" not in err
 
 
-def test_demo_draws_every_kind_of_case(pipe, tmp_path, capsys):
+def test_demo_draws_every_kind_of_case(toy_pipe, tmp_path, capsys):
     from sdjax.cli import main
 
     folder, out = str(tmp_path / "pipe"), str(tmp_path / "demo")
-    save_pipeline(pipe, folder)
+    save_pipeline(toy_pipe, folder)
     argv = ["demo", "--checkpoint", folder, "--cases", "4", "--steps", "2", "--out", out]
     assert main(argv) == 0
     with open(os.path.join(out, "demo.json")) as f:
