@@ -18,6 +18,7 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gradio as gr
 import numpy as np
@@ -25,6 +26,9 @@ from PIL import Image, ImageDraw
 
 from sdjax.errors import InputWarning, UserError
 from sdjax.subjects import Subject, parse_box
+
+if TYPE_CHECKING:
+    from sdjax.pipeline import Pipeline
 
 SLOTS = 3  # subjects the page offers (fewer when the model takes fewer)
 FIELDS = 5  # page fields per subject (`subjects_of`)
@@ -180,12 +184,17 @@ def subjects_of(fields: list) -> list[Subject]:
     return subjects
 
 
+def enlarged(image: Image.Image) -> Image.Image:
+    """`image` scaled up by a whole factor to at least `SHOWN_PX` (nearest-neighbour)."""
+    scale = max(1, -(-SHOWN_PX // image.width))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+
+
 def overlay(image: Image.Image, boxes: np.ndarray, regions: np.ndarray, count: int):
     """`image` enlarged to at least `SHOWN_PX`, with each subject's box outlined in its
     colour and, dimmed, what lies outside every subject's region (the location mask).
     boxes `[N, 4]` in [0, 1], regions `[N, h, h]`; the first `count` are used."""
-    scale = max(1, -(-SHOWN_PX // image.width))
-    big = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    big = enlarged(image)
     inside = np.clip(regions[:count].sum(axis=0), 0, 1)
     shade = Image.fromarray((inside * 255).astype(np.uint8)).resize(big.size, Image.NEAREST)
     big = Image.composite(big, Image.blend(big, Image.new("RGB", big.size), 0.55), shade)
@@ -196,16 +205,11 @@ def overlay(image: Image.Image, boxes: np.ndarray, regions: np.ndarray, count: i
     return big
 
 
-def enlarged(image: Image.Image) -> Image.Image:
-    scale = max(1, -(-SHOWN_PX // image.width))
-    return image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-
-
 @dataclass
 class Model:
     """The model the page samples, and what is fixed with it."""
 
-    pipeline: object
+    pipeline: Pipeline
     name: str  # as the PNG settings name it
     batch: int  # images per compiled call: one per local device
 
@@ -306,9 +310,12 @@ def generate(
 
 
 def _whole(value, name: str) -> int:
-    if value is None or float(value) != int(value):
-        raise UserError(f"{name} must be a whole number, got {value}")
-    return int(value)
+    try:
+        if float(value) == int(value):
+            return int(value)
+    except (TypeError, ValueError, OverflowError):  # empty, NaN, infinite
+        pass
+    raise UserError(f"{name} must be a whole number, got {value}")
 
 
 def build(model: Model, out_dir: str):

@@ -29,6 +29,7 @@ from sdjax.app import (
     brushed_mask,
     canvas_from_texts,
     canvas_value,
+    generate,
     overlay,
     serve,
     subjects_of,
@@ -309,3 +310,27 @@ def test_overlay_outlines_each_box_in_its_colour():
     assert tuple(shown[0, 64]) == (0xE6, 0x19, 0x4B)  # subject 1's outline
     assert shown[64, 64].tolist() == [255, 255, 255]  # inside its region: untouched
     assert shown[200, 200].max() < 200  # outside every region: dimmed
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"prompt": "  "}, "type a prompt"),
+        ({"steps": None}, "steps must be a whole number, got None"),
+        ({"steps": 2.5}, "steps must be a whole number"),
+        ({"seed": float("nan")}, "seed must be a whole number"),
+        ({"num_images": 9}, "at most 8 images per request"),
+        ({"steps": 5000}, "steps must be in 1..1000"),
+        ({"text_scale": -1.0}, "guidance scales must be >= 0"),
+        ({"subject_fraction": 1.5}, "subject fraction must be in"),
+    ],
+)
+def test_request_settings_are_checked_before_sampling(pipe, tmp_path, change, message):
+    settings = dict(
+        prompt="a star", steps=STEPS, seed=0, num_images=1, text_scale=3.0, image_scale=3.0,
+        subject_fraction=1.0, show_overlay=False,
+    )  # fmt: skip
+    settings.update(change)
+    photo = [cut_out((200, 30, 30)), None, None, "star", ""]
+    with pytest.raises(UserError, match=message):
+        generate(Model(pipe, "tiny", 1), str(tmp_path), *settings.values(), *photo)
