@@ -252,8 +252,8 @@ def generate(
     """One request: (images for the gallery, the PNG with its settings) or `UserError`.
     `fields`: per subject (`subjects_of`) photo RGBA array or None, mask editor value,
     mask picture or None, label, box text."""
-    from sdjax.outputs import grid, settings_text, write_png
-    from sdjax.sampling import check_settings, check_steps, guidance_scales, prepare_inputs, sample
+    from sdjax.outputs import sample_png
+    from sdjax.sampling import check_settings, check_steps, guidance_scales, prepare_inputs
 
     prompt = (prompt or "").strip()
     if not prompt:
@@ -276,32 +276,22 @@ def generate(
         float(subject_fraction),
     )
     inputs = prepare_inputs(model.pipeline, prompt, subjects)  # every input read and checked
-    images = sample(
+    path = os.path.join(tempfile.mkdtemp(dir=out_dir), f"sdjax_seed{seed}.png")
+    images = sample_png(
         model.pipeline,
         prompt,
         subjects,
+        path,
+        model.name,
         seed=seed,
         num_steps=steps,
         text_scale=text_scale,
         image_scale=image_scale,
-        num_images=num_images,
         subject_fraction=subject_fraction,
+        num_images=num_images,
         batch_size=model.batch,
-        strict=False,
         progress=progress,
     )
-    settings = settings_text(
-        prompt,
-        subjects,
-        seed=seed,
-        steps=steps,
-        text_scale=text_scale,
-        image_scale=image_scale,
-        subject_fraction=subject_fraction,
-        checkpoint=model.name,
-    )
-    path = os.path.join(tempfile.mkdtemp(dir=out_dir), f"sdjax_seed{seed}.png")
-    write_png(grid(images), path, settings)
     if show_overlay:
         shown = [overlay(im, inputs["boxes"], inputs["regions"], len(subjects)) for im in images]
     else:

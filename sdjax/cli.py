@@ -250,36 +250,26 @@ def _sample(args) -> int:
     check_settings(
         args.steps, args.text_scale, args.image_scale, args.num_images, args.subject_fraction
     )
+    from sdjax.outputs import sample_png
     from sdjax.pipeline import load_pipeline
-    from sdjax.sampling import guidance_scales, sample
+    from sdjax.sampling import guidance_scales
 
     pipeline = load_pipeline(args.checkpoint)
     text_scale, image_scale = guidance_scales(pipeline.config, args.text_scale, args.image_scale)
-    images = sample(
+    images = sample_png(
         pipeline,
         args.prompt,
         subjects,
+        args.out,
+        args.checkpoint or "embedded default",
         seed=args.seed,
         num_steps=args.steps,
         text_scale=text_scale,
         image_scale=image_scale,
-        num_images=args.num_images,
         subject_fraction=args.subject_fraction,
+        num_images=args.num_images,
         strict=args.strict,
     )
-    from sdjax.outputs import grid, settings_text, write_png
-
-    settings = settings_text(
-        args.prompt,
-        subjects,
-        seed=args.seed,
-        steps=args.steps,
-        text_scale=text_scale,
-        image_scale=image_scale,
-        subject_fraction=args.subject_fraction,
-        checkpoint=args.checkpoint or "embedded default",
-    )
-    write_png(grid(images), args.out, settings)
     print(f"wrote {args.out} ({len(images)} image{'s' * (len(images) > 1)}, seed {args.seed})")
     return 0
 

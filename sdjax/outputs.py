@@ -1,5 +1,5 @@
 """What sampling hands back to people: images side by side, and PNG files that carry the
-settings that drew them (`sdjax sample` and `sdjax app` write the same text chunks)."""
+settings that drew them (`sample_png`: `sdjax sample` and `sdjax app` write the same)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,46 @@ def grid(images: list[Image.Image]) -> Image.Image:
     return sheet
 
 
+def sample_png(
+    pipeline,
+    prompt: str,
+    subjects: Sequence[Subject],
+    out: str,
+    checkpoint: str,
+    *,
+    seed: int,
+    num_steps: int,
+    text_scale: float,
+    image_scale: float,
+    subject_fraction: float,
+    **options,
+) -> list[Image.Image]:
+    """`sdjax.sample` (guidance scales resolved by the caller; `options`: its other
+    keywords), then the images side by side written to the PNG `out` with their settings
+    (`settings_text`; `checkpoint` names the model) -> the images."""
+    from sdjax.sampling import sample
+
+    images = sample(
+        pipeline,
+        prompt,
+        subjects,
+        seed=seed,
+        num_steps=num_steps,
+        text_scale=text_scale,
+        image_scale=image_scale,
+        subject_fraction=subject_fraction,
+        **options,
+    )
+    settings = settings_text(
+        prompt, subjects, seed, num_steps, text_scale, image_scale, subject_fraction, checkpoint
+    )
+    write_png(grid(images), out, settings)
+    return images
+
+
 def settings_text(
     prompt: str,
     subjects: Sequence[Subject],
-    *,
     seed: int,
     steps: int,
     text_scale: float,
