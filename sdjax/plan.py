@@ -139,12 +139,16 @@ def _loops(jaxpr):
                 yield from _loops(sub)
 
 
-def _counted(known: set[int], trips: int) -> int:
-    """How often XLA's cost analysis counts a loop of `trips` trips, given the known trip
-    counts of the compiled program's while loops: once per trip of the while loop it
-    became (`trips` over any unrolling), or every trip when it was unrolled whole."""
+def _counted(known: set[int], has_while: bool, trips: int) -> int:
+    """How often XLA's cost analysis counts a loop of `trips` trips, given the trip counts
+    the compiler annotated on the program's while loops (XLA:CPU does, XLA:TPU does not)
+    and whether it has any: once per trip of the annotated while loop it became (`trips`
+    over any unrolling), once when while loops are there unannotated, every trip when it
+    was unrolled whole."""
     kept = [n for n in known if n > 1 and trips % n == 0]
-    return trips // max(kept) if kept else trips
+    if kept:
+        return trips // max(kept)
+    return 1 if has_while else trips
 
 
 def xla_cost(compiled, jaxpr, device, log=print) -> tuple[dict, list]:
@@ -161,8 +165,9 @@ def xla_cost(compiled, jaxpr, device, log=print) -> tuple[dict, list]:
     loops, bodies = [], list(_loops(jaxpr))
     hlo = compiled.as_text() if bodies else ""
     known = {int(n) for n in re.findall(r'"known_trip_count":\{"n":"(\d+)"', hlo)}
+    has_while = re.search(r"\swhile\(", hlo) is not None
     for body, trips in bodies:
-        missing = trips - _counted(known, trips)
+        missing = trips - _counted(known, has_while, trips)
         if missing <= 0:
             continue
         where = jax.sharding.SingleDeviceSharding(device)

@@ -96,16 +96,21 @@ def test_topology_and_cpu_devices_exclude_each_other():
         target_devices("v5p:2x2x1", 2)
 
 
-def test_the_sampler_counts_every_denoising_step(tmp_path):
-    """XLA's cost analysis counts a loop's body once; the plan counts it once per step."""
+@pytest.mark.parametrize("target", ["cpu", "tpu"])
+def test_the_sampler_counts_every_denoising_step(target, request, tmp_path):
+    """XLA's cost analysis counts a loop's body once; the plan counts it once per step,
+    whether the compiler annotates the loop's trip count (XLA:CPU) or not (XLA:TPU)."""
+    where = ["--topology", "v5p:2x2x1"] if target == "tpu" else []
+    if target == "tpu":
+        request.getfixturevalue("tpu")  # skipped without libtpu
     reports = {}
     for steps in (1, 3):
         out = tmp_path / f"steps{steps}.json"
-        argv = ["plan", "--config", TINY, "--sampler", "--devices", "1", "--batch", "2"]
+        argv = ["plan", "--config", TINY, "--sampler", *where, "--devices", "1", "--batch", "2"]
         assert main([*argv, "--steps", str(steps), "--json", str(out)]) == 0
         reports[steps] = json.loads(out.read_text())
     assert reports[1]["loops"] == []  # one trip: no loop left to undercount
     (loop,) = reports[3]["loops"]
     assert loop["trips"] == 3 and loop["flops_per_trip"] > 0
-    grown = reports[3]["flops_per_step"] - reports[1]["flops_per_step"]
-    assert grown == pytest.approx(2 * loop["flops_per_trip"], rel=0.05)
+    xla = {n: r["flops_per_step"] - r.get("kernel_flops_per_chip", 0.0) for n, r in reports.items()}
+    assert xla[3] - xla[1] == pytest.approx(2 * loop["flops_per_trip"], rel=0.05)  # 1 device
