@@ -9,6 +9,7 @@ pixel of the drag in the output frame.
 
 import io
 import json
+import os
 import shutil
 import signal
 import socket
@@ -222,7 +223,10 @@ def test_the_same_function_through_gradio_client(app, pictures, tmp_path):
 def test_the_command_starts_from_a_pipeline_folder(folder):
     port = free_port()
     command = [sys.executable, "-m", "sdjax", "app", "--checkpoint", folder, "--port", str(port)]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "XLA_FLAGS": "--xla_backend_optimization_level=0"}  # one device a core
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:

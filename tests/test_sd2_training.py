@@ -121,6 +121,7 @@ def steps_logged(workdir):
         return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow  # about 70 s; the refusal tests below load the same files by default
 def test_sd2_config_trains_from_pretrained_files_and_resumes(weights, tmp_path, capsys):
     torch.manual_seed(0)
     workdir = str(tmp_path / "run")
