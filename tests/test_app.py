@@ -22,19 +22,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from sdjax.app import (
-    CANVAS_PX,
-    FIELDS,
-    Model,
-    box_texts,
-    brushed_mask,
-    canvas_from_texts,
-    canvas_value,
-    generate,
-    overlay,
-    serve,
-    subjects_of,
-)
+from sdjax.app import FIELDS, Model, brushed_mask, generate, overlay, serve, subjects_of
+from sdjax.box_canvas import CANVAS_PX, box_texts, canvas_from_texts, canvas_value
 from sdjax.errors import UserError
 
 STEPS = 2
