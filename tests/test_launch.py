@@ -154,7 +154,8 @@ def test_slurm_tasks_join_through_jax_slurm_detection(slurm):
     probe = (
         "import jax; from sdjax.parallel import distributed; distributed.initialize(); "
         "distributed.barrier('probe'); "
-        "print('joined', jax.process_index(), jax.process_count(), flush=True)"
+        # one write(2) per line: the two tasks share the pipe, and print() may write in pieces
+        "import os; os.write(1, f'joined {jax.process_index()} {jax.process_count()}\\n'.encode())"
     )
     done, _ = sbatch("python", "-c", probe)
     assert done.returncode == 0, done.stdout + done.stderr
