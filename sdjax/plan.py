@@ -68,7 +68,8 @@ def target_devices(topology: str | None, cpu_devices: int | None) -> list:
     except Exception as err:  # noqa: BLE001 - libtpu missing or an unknown topology
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         hint = (
-            "another process holds libtpu: run every other JAX process with JAX_PLATFORMS=cpu"
+            "another process holds libtpu: run every other JAX process with JAX_PLATFORMS=cpu, "
+            "or set ALLOW_MULTIPLE_LIBTPU_LOAD=1 when that one compiles for a topology too"
             if "lockfile" in first
             else "pip install sdjax[tpu]"
         )
@@ -253,7 +254,7 @@ def plan_training(config, devices, log=print) -> dict:
     import flax.linen as nn
     import jax
 
-    from sdjax.models.kernels import resolve
+    from sdjax.models.kernels import compiling_for, resolve
     from sdjax.parallel.mesh import make_mesh
     from sdjax.parallel.sharding import as_rules
     from sdjax.train.run import plan_step
@@ -263,7 +264,7 @@ def plan_training(config, devices, log=print) -> dict:
         config.model.attention = resolve(config.model.attention, devices[0].platform)
     mesh = make_mesh(config.mesh.to_dict(), devices)
     rules = as_rules(config.sharding_rules)
-    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules), compiling_for(devices[0].platform):
         task = task_for(config)
         plan = plan_step(config, task, mesh, rules)
         start = time.perf_counter()
@@ -288,7 +289,7 @@ def plan_sampler(config, devices, batch: int, steps: int, log=print) -> dict:
     from jax.sharding import Mesh, NamedSharding
     from jax.sharding import PartitionSpec as P
 
-    from sdjax.models.kernels import resolve
+    from sdjax.models.kernels import compiling_for, resolve
     from sdjax.models.layers import unbox
     from sdjax.sampling import bfloat16_model, sampler, split_devices
     from sdjax.subject_diffusion import abstract_params
@@ -314,8 +315,9 @@ def plan_sampler(config, devices, batch: int, steps: int, log=print) -> dict:
     scalars = [jax.ShapeDtypeStruct((), t, sharding=whole) for t in (jnp.float32,) * 2]
     scalars.append(jax.ShapeDtypeStruct((), jnp.int32, sharding=whole))
     start = time.perf_counter()
-    traced = sampler(platform).trace(model, steps, used, params, inputs, rng, *scalars)
-    lowered = traced.lower()
+    with compiling_for(platform):
+        traced = sampler(platform).trace(model, steps, used, params, inputs, rng, *scalars)
+        lowered = traced.lower()
     log(f"traced and lowered in {time.perf_counter() - start:.1f} s")
     report = analyse(lowered, traced, batch, list(used), log)
     report["params_total"] = sum(math.prod(x.shape) for x in jax.tree.leaves(params))

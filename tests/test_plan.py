@@ -76,6 +76,23 @@ def test_kernel_flops_counts_splash_calls_and_loop_trips(tpu):
     assert kernel_flops(jax.make_jaxpr(looped)(q).jaxpr) == 3 * per_call
 
 
+def test_splash_lowers_to_its_tpu_kernel_when_compiling_for_tpu(tpu):
+    from sdjax.models.kernels import attend, compiling_for
+
+    where = jax.sharding.SingleDeviceSharding(tpu[0])
+    q = jax.ShapeDtypeStruct((1, 128, 2, 64), jnp.bfloat16, sharding=where)
+
+    def lowered():
+        splash = jax.jit(lambda q: attend(q, q, q, scale=1.0, implementation="splash"))
+        return splash.trace(q).lower()
+
+    with compiling_for("tpu"):
+        kernel = lowered().as_text()
+    assert "tpu_custom_call" in kernel and "while" not in kernel
+    # Without it this CPU host interprets the kernel as XLA loops (what the tests run).
+    assert "tpu_custom_call" not in lowered().as_text()
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -7,11 +7,17 @@ head on `[B, T, H, d]` tensors with one of:
             materialised (float32 softmax). Every backend; CPU's choice.
 - "cudnn":  cuDNN's fused flash attention (GPU; bfloat16 operands, float32 softmax
             statistics inside the kernel).
-- "splash": the Pallas splash-attention kernel (TPU; interpreted on CPU for tests), over
-            sequences that are multiples of 128; shorter or ragged ones use XLA.
+- "splash": the Pallas splash-attention kernel (TPU; interpreted on CPU for tests).
+            Sequences are zero-padded to multiples of 128 (its block size): padded keys
+            are masked inside the kernel, padded queries are cut from the output, so the
+            adapter's visual + object tokens (4096 + N) run in it too. Fewer than 128
+            keys (the 77 text tokens) use XLA: their scores are no larger than the
+            activations, and padding would waste 40% of the kernel's work.
 
-"auto" is resolved by the platform that runs the model (`resolve`): TPU splash, GPU
-cuDNN, CPU XLA.
+"auto" is resolved by the platform the model is compiled for (`resolve`): TPU splash,
+GPU cuDNN, CPU XLA. That platform is JAX's backend, or the one `compiling_for` names
+while tracing for chips that are not here (`sdjax plan`: on a CPU host compiling for a
+TPU topology, splash must lower to its Mosaic kernel, not be interpreted).
 
 A mask reaches the kernels in factored form: `factors = (blocked [B, T, R], groups
 [B, S, R])`, both in {0, 1}: query t must not see key s when some r has blocked[t, r] =
@@ -23,12 +29,31 @@ and its probability is exactly 0, without any mask tensor in memory.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
 IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
 _MASKED = 2.0**20  # logit penalty of a masked pair in the factored form (exact in bf16)
 _LANES = 128  # TPU vector width: splash's sequence blocks are multiples of it
+_TARGET = contextvars.ContextVar("sdjax_target_platform", default=None)
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str):
+    """Trace for `platform` ("tpu", "gpu", "cpu") instead of JAX's default backend."""
+    token = _TARGET.set(platform)
+    try:
+        yield
+    finally:
+        _TARGET.reset(token)
+
+
+def target_platform() -> str:
+    """The platform being compiled for: `compiling_for`'s, else JAX's default backend."""
+    return _TARGET.get() or jax.default_backend()
 
 
 def resolve(implementation: str | None, platform: str | None = None) -> str:
@@ -37,7 +62,7 @@ def resolve(implementation: str | None, platform: str | None = None) -> str:
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"attention {implementation!r}; known: {IMPLEMENTATIONS}")
         return implementation
-    platform = platform or jax.default_backend()
+    platform = platform or target_platform()
     return {"tpu": "splash", "gpu": "cudnn", "cuda": "cudnn"}.get(platform, "xla")
 
 
@@ -49,8 +74,7 @@ def factored_mask(blocked, groups):
 def attend(q, k, v, *, scale: float, implementation: str, factors=None, is_causal=False):
     """Attention on `[B, T, H, d]` queries and `[B, S, H, d]` keys/values -> `[B, T, H, d]`."""
     implementation = resolve(implementation)
-    t, s = q.shape[1], k.shape[1]
-    if implementation == "splash" and not is_causal and t % _LANES == 0 and s % _LANES == 0:
+    if implementation == "splash" and not is_causal and k.shape[1] >= _LANES:
         return _splash(q, k, v, scale, factors)
     if implementation == "cudnn" and not is_causal:
         return _cudnn(q, k, v, scale, factors)
@@ -88,12 +112,19 @@ def _cudnn(q, k, v, scale, factors):
 
 
 def _splash(q, k, v, scale, factors):
-    """Splash attention, vmapped over the batch and, inside a mesh, run per shard."""
+    """Splash attention on sequences padded to multiples of 128, vmapped over the batch
+    and, inside a mesh, run per shard."""
+    t, s = q.shape[1], k.shape[1]
     q = q * jnp.asarray(scale, q.dtype)  # splash takes pre-scaled queries
     if factors is not None:
         q, k = augment(q, k, 1.0, factors, multiple=_LANES)
-    q, k, v = (jnp.swapaxes(x, 1, 2) for x in (q, k, v))  # [B, H, T, d]
-    kernel = _splash_kernel(q.shape[1], q.shape[2], k.shape[2], jax.default_backend() == "cpu")
+
+    def padded(x):  # [B, L, H, d] -> [B, H, L', d], L' a multiple of 128
+        x = jnp.pad(x, ((0, 0), (0, -x.shape[1] % _LANES), (0, 0), (0, 0)))
+        return jnp.swapaxes(x, 1, 2)
+
+    q, k, v = padded(q), padded(k), padded(v)
+    kernel = _splash_kernel(q.shape[1], q.shape[2], k.shape[2], s, target_platform() != "tpu")
     run = jax.vmap(kernel)
     axes = _batch_axes(q.shape[0])
     if axes:  # a custom call: each device runs it on its share of the batch
@@ -102,7 +133,7 @@ def _splash(q, k, v, scale, factors):
         spec = P(axes, None, None, None)
         mesh = jax.sharding.get_abstract_mesh()
         run = jax.shard_map(run, mesh=mesh, in_specs=(spec,) * 3, out_specs=spec, check_vma=False)
-    return jnp.swapaxes(run(q, k, v), 1, 2)
+    return jnp.swapaxes(run(q, k, v), 1, 2)[:, :t]
 
 
 def _batch_axes(batch: int):
@@ -121,9 +152,10 @@ def _batch_axes(batch: int):
     return axes if names and batch % ways == 0 else None
 
 
-def _splash_kernel(heads: int, t: int, s: int, interpret: bool):
-    """A splash kernel for full (unmasked) `[heads, t, s]` attention. Made while tracing:
-    its mask tables become constants of the computation, not arrays on a device."""
+def _splash_kernel(heads: int, t: int, s: int, keys: int, interpret: bool):
+    """A splash kernel for `[heads, t, s]` attention where only the first `keys` of the s
+    keys are real (the rest padding, masked in the kernel). Made while tracing: its mask
+    tables become constants of the computation, not arrays on a device."""
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
 
@@ -138,10 +170,27 @@ def _splash_kernel(heads: int, t: int, s: int, interpret: bool):
         block_q_dq=bq,
         block_kv_dq=bkv,
     )
-    mask = sm.MultiHeadMask([sm.FullMask((t, s))] * heads)
+    mask = sm.FullMask((t, s)) if keys == s else _first_keys(sm, (t, s), keys)
+    mask = sm.MultiHeadMask([mask] * heads)
     return sk.make_splash_mha(
         mask, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret
     )
+
+
+def _first_keys(sm, shape: tuple[int, int], keys: int):
+    """A splash mask computed in the kernel: every query sees keys 0..keys-1."""
+
+    class FirstKeys(sm._ComputableMask):
+        def __init__(self):
+            super().__init__(shape, lambda q_ids, kv_ids: kv_ids < keys)
+
+        def __eq__(self, other):
+            return isinstance(other, FirstKeys) and other.shape == self.shape
+
+        def __hash__(self):
+            return hash((FirstKeys, shape, keys))
+
+    return FirstKeys()
 
 
 def _block(length: int) -> int:
