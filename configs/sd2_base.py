@@ -138,6 +138,8 @@ def get_config():
         preview_every=0,
         preview_steps=25,
         max_to_keep=3,
+        # TPU: XLA's windowed einsum for fsdp weights (sdjax.train.run.compiler_options)
+        collective_matmul=False,
     )
     c.loss = dict(attn_weight=0.01, attn_form="balanced_l1", ema_decay=0.9999)
     c.mesh = dict(data=1, fsdp=-1, tensor=1)

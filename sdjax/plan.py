@@ -235,7 +235,13 @@ def analyse(lowered, jitted_trace, examples: int, devices: list, log=print) -> d
         "bytes_accessed_per_chip": cost["bytes"],
         "loops": loops,
         "collectives": {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in _COLLECTIVES},
+        "windowed_loops": len(re.findall(r"\swhile\(.*body=%[\w.]*windowed_dot_general", hlo)),
     }
+    if report["windowed_loops"]:
+        log(
+            f"warning: {report['windowed_loops']} collective-matmul loops, each counted once "
+            "by XLA's cost analysis: the FLOPs and times below are too low"
+        )
     if devices[0].platform == "tpu" and peak:
         xla_seconds = cost["optimal_seconds"]
         step = xla_seconds + kernels / peak

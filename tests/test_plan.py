@@ -47,7 +47,40 @@ def test_train_step_compiles_for_a_tpu_topology(tpu, tmp_path, capsys):
     # The UNet's 256-token self-attention runs in splash kernels, counted by hand.
     assert 0 < report["kernel_flops_per_chip"] < report["flops_per_chip"]
     assert 0 < report["projected_mfu"] < 1 and report["collectives"]["all-reduce"] > 0
+    assert report["windowed_loops"] == 0
     assert "projected (roofline)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("collective_matmul", [False, True])
+def test_collective_matmul_loops_are_off_on_tpu_unless_asked(tpu, collective_matmul):
+    """XLA:TPU would loop an fsdp-split weight's matmul over its shards (here, on 16
+    chips), a loop its cost analysis counts once; the train step turns that off, and
+    `analyse` warns of it."""
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+    from ml_collections import ConfigDict
+
+    from sdjax.train.run import compiler_options
+
+    train = ConfigDict(dict(collective_matmul=collective_matmul))
+    assert compiler_options(train, "cpu") is None and compiler_options(train, "gpu") is None
+    chips = target_devices("v5p:2x2x4", None)
+    mesh = Mesh(np.asarray(chips), ("fsdp",))
+    x = jax.ShapeDtypeStruct((16, 512, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
+    split = NamedSharding(mesh, P(None, "fsdp"))  # the weight's columns over the chips
+    w = jax.ShapeDtypeStruct((256, 1024), jnp.bfloat16, sharding=split)
+    matmul = jax.jit(
+        lambda x, w: x @ w,
+        out_shardings=NamedSharding(mesh, P("fsdp")),
+        compiler_options=compiler_options(train, "tpu"),
+    )
+    traced = matmul.trace(x, w)
+    logged = []
+    report = analyse(traced.lower(), traced, 16, chips, log=logged.append)
+    assert (report["windowed_loops"] > 0) == collective_matmul
+    assert any("collective-matmul loops" in line for line in logged) == collective_matmul
+    per_chip = 2 * 16 * 512 * 256 * 1024 / len(chips)
+    assert (report["flops_per_chip"] == pytest.approx(per_chip, rel=0.02)) != collective_matmul
 
 
 def test_a_step_the_chip_cannot_hold_is_reported_not_raised(tpu):

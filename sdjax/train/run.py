@@ -89,8 +89,29 @@ def plan_step(config, task: Task, mesh, rules) -> StepPlan:
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
+        compiler_options=compiler_options(train, mesh.devices.flat[0].platform),
     )
     return StepPlan(placed, batch, step, shardings, param_sh, create)
+
+
+# XLA:TPU's windowed einsum ("collective matmul") computes a matmul or convolution whose
+# weight is split over fsdp in a loop over the weight's shards, passed round the ring
+# while each is used, instead of one all-gather before it. On SD 2-base's step it loops
+# 1108 of them (every VAE, ViT, text-encoder and UNet layer), each carrying the whole
+# output: the compiler's cost model puts a loop of 3x3 convolutions at several times
+# the all-gathered one, and its cost analysis counts each loop body once, so `sdjax plan`
+# could not read the step's FLOPs or time. Off unless `train.collective_matmul`.
+_NO_COLLECTIVE_MATMUL = {
+    "xla_tpu_enable_windowed_einsum_for_all_gather": False,
+    "xla_tpu_enable_windowed_einsum_for_reduce_scatter": False,
+}
+
+
+def compiler_options(train_cfg, platform: str) -> dict | None:
+    """The train step's XLA options for `platform` (TPU: see `_NO_COLLECTIVE_MATMUL`)."""
+    if platform == "tpu" and not train_cfg.get("collective_matmul", False):
+        return dict(_NO_COLLECTIVE_MATMUL)
+    return None
 
 
 def state_shardings(abstract: TrainState, params: dict, mesh) -> TrainState:
