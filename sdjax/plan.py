@@ -118,6 +118,28 @@ def kernel_flops(jaxpr) -> float:
     return total
 
 
+def matmul_flops(jaxpr) -> float:
+    """FLOPs of the matmuls and convolutions in a traced program, 2 per multiply-add by
+    their shapes (the program's global shapes; per shard inside shard_map). Loops count
+    once per trip; a Pallas kernel's insides are `kernel_flops`'s. It does not depend on
+    how XLA partitions or loops the program, so it checks XLA's count."""
+    import math as m
+
+    total = 0.0
+    for eqn, trips in _eqns(jaxpr, 1):
+        name, out = eqn.primitive.name, eqn.outvars[0].aval if eqn.outvars else None
+        if name == "dot_general":  # out [..] = sum over contracted dims of lhs
+            (contracted, _), _ = eqn.params["dimension_numbers"]
+            lhs = eqn.invars[0].aval.shape
+            total += trips * 2.0 * m.prod(out.shape) * m.prod(lhs[i] for i in contracted)
+        elif name == "conv_general_dilated":  # each output: window x input features/group
+            rhs = eqn.invars[1].aval.shape
+            spec = eqn.params["dimension_numbers"].rhs_spec  # (out, in, *spatial)
+            window = m.prod(rhs[i] for i in spec[2:]) * rhs[spec[1]]
+            total += trips * 2.0 * m.prod(out.shape) * window
+    return total
+
+
 def _subjaxprs(eqn):
     from jax.extend.core import ClosedJaxpr, Jaxpr
 
@@ -185,9 +207,12 @@ def xla_cost(compiled, jaxpr, device, log=print) -> tuple[dict, list]:
 
 
 def _eqns(jaxpr, trips):
-    """Every equation of a jaxpr and its sub-jaxprs, with how often it runs."""
+    """Every equation of a jaxpr and its sub-jaxprs (not a Pallas kernel's), with how
+    often it runs."""
     for eqn in jaxpr.eqns:
         yield eqn, trips
+        if eqn.primitive.name == "pallas_call":  # its insides run per block
+            continue
         inner = trips * (eqn.params.get("length", 1) if eqn.primitive.name == "scan" else 1)
         for sub in _subjaxprs(eqn):
             yield from _eqns(sub, inner)
@@ -232,6 +257,7 @@ def analyse(lowered, jitted_trace, examples: int, devices: list, log=print) -> d
         "kernel_flops_per_chip": kernels,
         "examples_per_step": examples,
         "flops_per_example": flops * len(devices) / examples,
+        "matmul_flops_per_example": matmul_flops(jitted_trace.jaxpr.jaxpr) / examples,
         "bytes_accessed_per_chip": cost["bytes"],
         "loops": loops,
         "collectives": {c: len(re.findall(rf"\b{c}(-start)?\(", hlo)) for c in _COLLECTIVES},
@@ -379,7 +405,9 @@ def summary(r: dict) -> str:
         f"{_gib(r['temporaries_bytes'])}, total {_gib(r['hbm_per_chip_bytes'])} of "
         f"{_gib(r['hbm_capacity_bytes'])} (headroom {headroom})",
         f"  FLOPs: {_flops(r['flops_per_step'])} per step, {_flops(r['flops_per_example'])} "
-        f"per example ({_flops(r['kernel_flops_per_chip'])} per chip in attention kernels)",
+        f"per example ({_flops(r['kernel_flops_per_chip'])} per chip in attention kernels; "
+        f"by their shapes, matmuls and convolutions {_flops(r['matmul_flops_per_example'])} "
+        "per example)",
         "  collectives: " + ", ".join(f"{k} {v}" for k, v in r["collectives"].items()),
     ]
     if "params_trainable" in r:
