@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 from PIL import Image
 
+from sdjax.compiler import known_options
 from sdjax.conditioning import auto_boxes, mask_box, reference_image, subject_region
 from sdjax.diffusion.ddim import sample_loop_indexed
 from sdjax.diffusion.guidance import split_branches, stack_branches, three_branch_guidance
@@ -111,20 +112,10 @@ _CPU_OPTIONS = {"xla_cpu_use_fusion_emitters": False}
 
 
 @functools.cache
-def _cpu_compile_options() -> tuple:
-    one = jax.device_put(1.0, jax.devices("cpu")[0])
-    try:
-        jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(one).compile()
-    except Exception:  # noqa: BLE001 - "No such compile option" in newer XLA
-        return ()
-    return tuple(_CPU_OPTIONS.items())
-
-
-@functools.cache
 def sampler(platform: str):
     """The jitted sampler (`generate`'s computation) with `platform`'s compile options;
     static arguments: config, num_steps, devices."""
-    options = dict(_cpu_compile_options()) if platform == "cpu" else {}
+    options = known_options(_CPU_OPTIONS, jax.devices("cpu")[0]) if platform == "cpu" else {}
     return jax.jit(
         _generate,
         static_argnames=("config", "num_steps", "devices"),

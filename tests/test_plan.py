@@ -67,7 +67,7 @@ def test_collective_matmul_loops_are_off_on_tpu_unless_asked(tpu, collective_mat
     from sdjax.train.run import compiler_options
 
     train = ConfigDict(dict(collective_matmul=collective_matmul))
-    assert compiler_options(train, "cpu") is None and compiler_options(train, "gpu") is None
+    assert compiler_options(train, jax.devices("cpu")[0]) is None
     chips = target_devices("v5p:2x2x4", None)
     mesh = Mesh(np.asarray(chips), ("fsdp",))
     x = jax.ShapeDtypeStruct((16, 512, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
@@ -76,7 +76,7 @@ def test_collective_matmul_loops_are_off_on_tpu_unless_asked(tpu, collective_mat
     matmul = jax.jit(
         lambda x, w: x @ w,
         out_shardings=NamedSharding(mesh, P("fsdp")),
-        compiler_options=compiler_options(train, "tpu"),
+        compiler_options=compiler_options(train, chips[0]),
     )
     traced = matmul.trace(x, w)
     logged = []

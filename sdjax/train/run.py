@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
+from sdjax.compiler import known_options
 from sdjax.errors import UserError
 from sdjax.models.layers import unbox
 from sdjax.parallel.sharding import batch_sharding, replicated, tree_shardings
@@ -89,7 +90,7 @@ def plan_step(config, task: Task, mesh, rules) -> StepPlan:
         in_shardings=(shardings, batch_sh),
         out_shardings=(shardings, replicated(mesh)),
         donate_argnums=0,
-        compiler_options=compiler_options(train, mesh.devices.flat[0].platform),
+        compiler_options=compiler_options(train, mesh.devices.flat[0]),
     )
     return StepPlan(placed, batch, step, shardings, param_sh, create)
 
@@ -107,10 +108,11 @@ _NO_COLLECTIVE_MATMUL = {
 }
 
 
-def compiler_options(train_cfg, platform: str) -> dict | None:
-    """The train step's XLA options for `platform` (TPU: see `_NO_COLLECTIVE_MATMUL`)."""
-    if platform == "tpu" and not train_cfg.get("collective_matmul", False):
-        return dict(_NO_COLLECTIVE_MATMUL)
+def compiler_options(train_cfg, device) -> dict | None:
+    """The train step's XLA options for `device`'s compiler (TPU: `_NO_COLLECTIVE_MATMUL`,
+    as far as this libtpu knows them)."""
+    if device.platform == "tpu" and not train_cfg.get("collective_matmul", False):
+        return known_options(_NO_COLLECTIVE_MATMUL, device) or None
     return None
 
 

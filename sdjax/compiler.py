@@ -1,0 +1,26 @@
+"""XLA compile options, passed only where this XLA knows them: an option one XLA has is
+"No such compile option" to another (newer JAX dropped `xla_cpu_use_fusion_emitters`)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+
+def known_options(options: dict, device) -> dict:
+    """The entries of `options` that `device`'s compiler accepts, each probed once by
+    compiling a one-add program for it (a deviceless TPU topology's device works too)."""
+    return {k: v for k, v in options.items() if _accepts(device, k, v)}
+
+
+@functools.cache
+def _accepts(device, name: str, value) -> bool:
+    where = jax.sharding.SingleDeviceSharding(device)
+    one = jax.ShapeDtypeStruct((), jnp.float32, sharding=where)
+    try:
+        jax.jit(lambda x: x + 1, compiler_options={name: value}).trace(one).lower().compile()
+    except Exception:  # noqa: BLE001 - XLA's INVALID_ARGUMENT for an unknown option
+        return False
+    return True
