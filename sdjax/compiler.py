@@ -7,20 +7,26 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def known_options(options: dict, device) -> dict:
     """The entries of `options` that `device`'s compiler accepts, each probed once by
-    compiling a one-add program for it (a deviceless TPU topology's device works too)."""
+    compiling a one-add program for it (a deviceless TPU topology's device works too;
+    so does a call inside another mesh)."""
     return {k: v for k, v in options.items() if _accepts(device, k, v)}
 
 
 @functools.cache
 def _accepts(device, name: str, value) -> bool:
-    where = jax.sharding.SingleDeviceSharding(device)
-    one = jax.ShapeDtypeStruct((), jnp.float32, sharding=where)
-    try:
-        jax.jit(lambda x: x + 1, compiler_options={name: value}).trace(one).lower().compile()
-    except Exception:  # noqa: BLE001 - XLA's INVALID_ARGUMENT for an unknown option
-        return False
+    mesh = Mesh(np.asarray([device]), ("probe",))
+    with jax.set_mesh(mesh):  # not the caller's: the probe runs on `device` alone
+        one = jax.ShapeDtypeStruct((), jnp.float32, sharding=NamedSharding(mesh, PartitionSpec()))
+        try:
+            jax.jit(lambda x: x + 1, compiler_options={name: value}).trace(one).lower().compile()
+        except Exception as err:
+            if "no such compile option" in str(err).lower():
+                return False
+            raise
     return True

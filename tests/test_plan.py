@@ -73,10 +73,11 @@ def test_collective_matmul_loops_are_off_on_tpu_unless_asked(tpu, collective_mat
     x = jax.ShapeDtypeStruct((16, 512, 256), jnp.bfloat16, sharding=NamedSharding(mesh, P("fsdp")))
     split = NamedSharding(mesh, P(None, "fsdp"))  # the weight's columns over the chips
     w = jax.ShapeDtypeStruct((256, 1024), jnp.bfloat16, sharding=split)
+    with jax.set_mesh(mesh):  # as the train step is planned
+        options = compiler_options(train, chips[0])
+    assert (options is None) == collective_matmul
     matmul = jax.jit(
-        lambda x, w: x @ w,
-        out_shardings=NamedSharding(mesh, P("fsdp")),
-        compiler_options=compiler_options(train, chips[0]),
+        lambda x, w: x @ w, out_shardings=NamedSharding(mesh, P("fsdp")), compiler_options=options
     )
     traced = matmul.trace(x, w)
     logged = []
