@@ -102,9 +102,10 @@ def test_two_subjects_dragged_boxes_reach_the_sampler(app, browser, pictures):
     frame = page.locator("#frame .sdjax-frame").bounding_box()
     assert round(frame["width"]) == CANVAS_PX
     drags = [((20, 30), (150, 170)), ((170, 150), (300, 290))]
-    for start, end in drags:
-        drag(page, frame, start, end)
-    page.wait_for_function("document.querySelector('#box2 textarea').value !== ''")
+    for k, (start, end) in enumerate(drags, start=1):
+        drag(page, frame, start, end)  # then, as a person would, see the box's field fill
+        filled = f"document.querySelector('#box{k} textarea').value !== ''"
+        page.wait_for_function(filled, timeout=90_000)
     assert page.locator("#frame .sdjax-box").count() == 2
     page.fill("#prompt textarea", "a star and a ring on a beige background")
     page.fill("#steps input", str(STEPS))
